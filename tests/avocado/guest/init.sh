@@ -1,0 +1,38 @@
+#!/bin/busybox sh
+# SPDX-License-Identifier: GPL-2.0-or-later
+#
+# /init of the Curling test guest: a busybox initramfs that runs one workload
+# on the serial console.  Kernel command line:
+#   curling.workload=NAME  program under /bin to run (default curling-counter)
+#   curling.mode=shell     start a shell on the console instead
+# Every other curling.* option is read by the workload from /proc/cmdline.
+
+/bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+
+workload=curling-counter
+mode=
+for opt in $(cat /proc/cmdline); do
+    case "$opt" in
+    curling.workload=*) workload="${opt#curling.workload=}" ;;
+    curling.mode=*) mode="${opt#curling.mode=}" ;;
+    esac
+done
+
+console=/dev/ttyS0
+[ -c "$console" ] || console=/dev/console
+
+if [ "$mode" = shell ]; then
+    echo "curling: shell" >"$console"
+    exec setsid cttyhack sh <"$console" >"$console" 2>&1
+fi
+
+echo "curling: init workload=$workload" >"$console"
+"/bin/$workload" <"$console" >"$console" 2>&1
+echo "curling: workload exited rc=$?" >"$console"
+exec setsid cttyhack sh <"$console" >"$console" 2>&1
