@@ -188,11 +188,12 @@ def cmd_check(args: argparse.Namespace) -> None:
         out = proc.stdout.strip()
         summary = next((ln for ln in out.splitlines() if ln.startswith("total:")),
                        out.splitlines()[-1] if out else "")
+        clean = proc.returncode == 0 and "WARNING" not in out
         log.info("checkpatch %s: %s %s", entry.name,
-                 "ok" if proc.returncode == 0 else "FAIL", summary)
-        if proc.returncode != 0 or "WARNING" in out or args.verbose:
+                 "ok" if clean else "FAIL", summary)
+        if not clean or args.verbose:
             print(out)
-        if proc.returncode != 0:
+        if not clean:
             failed.append(f"checkpatch {entry.name}")
     if args.bisect:
         cmd_deps(args)

@@ -3,7 +3,7 @@
 
 build/qemu/          source (patchqueue)
 build/qemu-build/    meson build directory
-build/bin/           symlinks to the binaries the tests use
+build/bin/           hard links to the binaries the tests use
 
 configure runs again only when its options change (a stamp file holds
 them); otherwise ninja alone decides what to rebuild.
@@ -37,6 +37,7 @@ CONFIGURE_OPTIONS = (
     "--disable-xen",
     "--disable-rust",
     "--disable-install-blobs",
+    "--with-pkgversion=curling",
     f"--firmwarepath={FIRMWARE_PATH}",
 )
 STAMP = "curling-configure.json"
@@ -170,17 +171,29 @@ class QemuBuild:
         self.link_binaries(targets)
 
     def link_binaries(self, targets: Sequence[str] = TARGETS) -> None:
+        """Hard-link the built binaries into build/bin.
+
+        Not symlinks: QEMU started from its build directory finds the
+        "qemu-bundle" there and looks for firmware only inside it, while
+        started from build/bin it uses --firmwarepath, i.e. the files of
+        Debian's seabios, ipxe-qemu and qemu-system-data packages.
+        """
         self.bin_dir.mkdir(parents=True, exist_ok=True)
         for name in targets:
             target = self.build_dir / name
             if not target.is_file():
                 raise BuildError(f"{target} was not built")
             link = self.bin_dir / name
-            rel = os.path.relpath(target, self.bin_dir)
-            if link.is_symlink() and os.readlink(link) == rel:
-                continue
+            try:
+                if not link.is_symlink() and link.samefile(target):
+                    continue
+            except OSError:
+                pass
             tmp = link.with_name(f".{name}.tmp")
             tmp.unlink(missing_ok=True)
-            tmp.symlink_to(rel)
+            try:
+                os.link(target, tmp)
+            except OSError:
+                shutil.copy2(target, tmp)
             os.replace(tmp, link)
         log.info("binaries: %s", ", ".join(str(self.bin_dir / t) for t in targets))

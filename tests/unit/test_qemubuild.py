@@ -90,8 +90,8 @@ def test_link_binaries(tmp_path: Path) -> None:
         (qb.build_dir / name).write_text("")
     qb.link_binaries()
     link = qb.bin_dir / "qemu-system-x86_64"
-    assert os.readlink(link) == "../qemu-build/qemu-system-x86_64"
-    assert link.resolve() == (qb.build_dir / "qemu-system-x86_64").resolve()
+    assert not link.is_symlink(), "a symlink makes QEMU look for firmware in its build dir"
+    assert link.samefile(qb.build_dir / "qemu-system-x86_64")
     qb.link_binaries()   # idempotent
     (qb.build_dir / "qemu-img").unlink()
     with pytest.raises(BuildError, match="qemu-img was not built"):
