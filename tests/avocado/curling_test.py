@@ -584,3 +584,66 @@ class CurlingTest(avocado.Test):
 
         return wait_until(done, timeout, f"migration status {sorted(wanted)} "
                                          f"on {vm.name}", 0.2)
+
+    # -- Curling helpers ------------------------------------------------
+
+    #: max-bandwidth for Curling tests: the default (128 MiB/s) would
+    #: throttle the first round and every checkpoint.
+    BANDWIDTH = 10 * 1024 ** 3
+
+    def launch_pair(self, machine: str = "pc",
+                    append: str = "curling.mode=dirty curling.rate=4",
+                    extra_args: Iterable[str] = (),
+                    unix: bool = False) -> tuple[VM, VM, str]:
+        """Start a sender and a receiver listening on ``curling:...``.
+
+        Returns (sender, receiver, uri). The sender is pinned to host CPU
+        0 and the receiver to CPU 1 where there are two, to model two
+        hosts.
+        """
+        if unix:
+            assert self._tmpdir is not None
+            uri = f"curling:unix:{self._tmpdir}/curling.sock"
+        else:
+            uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
+        cpus = sorted(os.sched_getaffinity(0))
+        pin = len(cpus) >= 2
+        sender = self.launch_vm("sender", machine=machine, append=append,
+                                extra_args=extra_args,
+                                cpu_affinity={cpus[0]} if pin else None)
+        receiver = self.launch_vm("receiver", incoming=uri, machine=machine,
+                                  append=append, extra_args=extra_args,
+                                  cpu_affinity={cpus[1]} if pin else None)
+        return sender, receiver, uri
+
+    def protect(self, sender: VM, receiver: VM, uri: str,
+                timeout: float = 120.0, **params: Any) -> None:
+        """Start Curling from ``sender`` to ``receiver``; return once both
+        report ``protecting``. ``params`` go to migrate-set-parameters
+        (``curling_interval=200``)."""
+        sender.qmp("migrate-set-parameters", max_bandwidth=self.BANDWIDTH,
+                   **params)
+        sender.qmp("migrate", uri=uri)
+        for vm in (sender, receiver):
+            wait_until(lambda vm=vm: curling_info(vm)["status"] == "protecting",
+                       timeout, f"{vm.name} protecting", 0.1)
+
+    def wait_checkpoints(self, vm: VM, count: int,
+                         timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until ``vm`` has committed ``count`` more checkpoints;
+        return its query-curling then."""
+        start = curling_info(vm)["checkpoints"]
+
+        def done() -> Optional[dict[str, Any]]:
+            info = curling_info(vm)
+            if info["status"] != "protecting":
+                raise AssertionError(f"{vm.name} stopped protecting: {info}")
+            return info if info["checkpoints"] >= start + count else None
+
+        return wait_until(done, timeout,
+                          f"{count} more checkpoints on {vm.name}", 0.05)
+
+
+def curling_info(vm: VM) -> dict[str, Any]:
+    """query-curling of ``vm``."""
+    return vm.qmp("query-curling")
