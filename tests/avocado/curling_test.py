@@ -20,36 +20,26 @@ host's cores.
 
 from __future__ import annotations
 
-import asyncio
-import atexit
-import ctypes
-import dataclasses
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import pathlib
-import re
-import shlex
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Optional, TypeVar
+from typing import Any, Iterable, Optional
 
 import avocado
-
-from qemu.qmp import QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 from curlingtool.guest import GuestError, GuestImage, build_guest  # noqa: E402
+from curlingtool.vm import (VM, Tick, VMDied, WaitTimeout,  # noqa: E402,F401
+                            free_tcp_port, guest_args, parse_ticks,
+                            wait_until)
 
 BUILD_DIR = REPO_ROOT / "build"
 DEFAULT_QEMU = BUILD_DIR / "bin" / "qemu-system-x86_64"
@@ -62,324 +52,6 @@ KVM_PROBE_DEADLINE = 20.0
 BOOT_TIMEOUT = 120.0
 #: Seconds a test waits for another test's guests to finish.
 LOCK_TIMEOUT = 3600.0
-
-KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
-
-TICK_RE = re.compile(
-    r"curling: tick=(?P<n>\d+) work=(?P<work>\d+) pages=(?P<pages>\d+) "
-    r"check=(?P<check>\w+)(?: (?P<detail>.*))?")
-
-T = TypeVar("T")
-
-# Every QEMU started by this module, so that nothing outlives the test.
-_PROCESSES: set[subprocess.Popen] = set()
-
-
-def _kill_all_processes() -> None:
-    for proc in list(_PROCESSES):
-        if proc.poll() is None:
-            proc.kill()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        _PROCESSES.discard(proc)
-
-
-atexit.register(_kill_all_processes)
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the test process goes away."""
-    PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-class WaitTimeout(AssertionError):
-    """A wait ran past its deadline: the guest or QEMU did not do it in time."""
-
-
-class VMDied(AssertionError):
-    """A QEMU process exited while a test was waiting on it."""
-
-
-def wait_until(predicate: Callable[[], Optional[T]], timeout: float,
-               what: str, interval: float = 0.1) -> T:
-    """Poll ``predicate`` until it returns something truthy, or time out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_tcp_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclasses.dataclass(frozen=True)
-class Tick:
-    """One ``curling: tick=...`` line of the guest workload."""
-
-    n: int
-    work: int
-    pages: int
-    check: str
-    detail: str
-    line: str
-
-    @property
-    def ok(self) -> bool:
-        return self.check in ("ok", "skip")
-
-
-def parse_ticks(text: str) -> list[Tick]:
-    ticks = []
-    for line in text.splitlines():
-        m = TICK_RE.search(line)
-        if m:
-            ticks.append(Tick(n=int(m["n"]), work=int(m["work"]),
-                              pages=int(m["pages"]), check=m["check"],
-                              detail=m["detail"] or "", line=line.strip()))
-    return ticks
-
-
-class VM:
-    """One QEMU process: QMP monitor, serial console, lifetime."""
-
-    def __init__(self, name: str, args: list[str], console: pathlib.Path,
-                 qemu_log: pathlib.Path, qmp_path: pathlib.Path,
-                 log: logging.Logger,
-                 cpu_affinity: Optional[Iterable[int]] = None) -> None:
-        self.name = name
-        self.cpu_affinity = set(cpu_affinity) if cpu_affinity is not None else None
-        self.args = args
-        self.console_path = console
-        self.qemu_log_path = qemu_log
-        self.qmp_path = qmp_path
-        self.log = log
-        self.events: list[dict[str, Any]] = []   # every event seen, in order
-        self._unclaimed: list[dict[str, Any]] = []  # not yet returned by wait_event
-        self._proc: Optional[subprocess.Popen] = None
-        self._qmp: Optional[QEMUMonitorProtocol] = None
-        self.exitcode: Optional[int] = None
-
-    # -- lifetime --------------------------------------------------------
-
-    def launch(self, timeout: float = 30.0) -> None:
-        self.log.info("%s: %s", self.name, shlex.join(self.args))
-        affinity = self.cpu_affinity
-
-        def child_setup() -> None:
-            _die_with_parent()
-            if affinity:
-                os.sched_setaffinity(0, affinity)
-
-        with self.qemu_log_path.open("ab") as out:
-            self._proc = subprocess.Popen(
-                self.args, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, preexec_fn=child_setup)
-        _PROCESSES.add(self._proc)
-
-        def connected() -> bool:
-            self._check_alive("its QMP socket")
-            if not self.qmp_path.exists():
-                return False
-            qmp = QEMUMonitorProtocol(str(self.qmp_path), nickname=self.name)
-            try:
-                qmp.connect()
-            except (QMPError, OSError):
-                qmp.close()
-                return False
-            self._qmp = qmp
-            return True
-
-        wait_until(connected, timeout, f"{self.name}'s QMP socket")
-        self.log.info("%s: pid %d, QMP on %s", self.name, self.pid,
-                      self.qmp_path)
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None, f"{self.name} was never launched"
-        return self._proc.pid
-
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def _check_alive(self, waiting_for: str) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            self.exitcode = self._proc.returncode
-            raise VMDied(f"{self.name} (pid {self._proc.pid}) exited with "
-                         f"{self.exitcode} while waiting for {waiting_for}; "
-                         f"last output: {self.qemu_output_tail()!r}")
-
-    def qemu_output_tail(self, lines: int = 5) -> str:
-        try:
-            text = self.qemu_log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def _close_qmp(self) -> None:
-        if self._qmp is not None:
-            try:
-                self._qmp.close()
-            except Exception:  # the peer may be gone already
-                pass
-            self._qmp = None
-
-    def kill(self, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int:
-        """Send ``sig`` and wait for the process to end; returns its exit code."""
-        assert self._proc is not None, f"{self.name} was never launched"
-        if self._proc.poll() is None:
-            self.log.info("%s: sending signal %d to pid %d", self.name, sig,
-                          self._proc.pid)
-            os.kill(self._proc.pid, sig)
-            try:
-                self._proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._close_qmp()
-        self.exitcode = self._proc.returncode
-        _PROCESSES.discard(self._proc)
-        return self.exitcode
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Quit through QMP; kill when that does not work in time."""
-        if self.is_running() and self._qmp is not None:
-            try:
-                self._qmp.cmd("quit")
-            except Exception:
-                pass
-            try:
-                assert self._proc is not None
-                self._proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        if self._proc is not None:
-            self.kill()
-
-    # -- QMP -------------------------------------------------------------
-
-    def qmp(self, cmd: str, args: Optional[dict[str, Any]] = None,
-            **kwargs: Any) -> Any:
-        """Run a QMP command and return its "return" value.
-
-        Keyword arguments have ``_`` turned into ``-`` (``max_bandwidth`` is
-        sent as ``max-bandwidth``); a dict in ``args`` is sent as it is.
-        Raises ``qemu.qmp.ExecuteError`` (``.error_class``, ``str()`` is the
-        description) when QEMU answers with an error.
-        """
-        if self._qmp is None:
-            raise VMDied(f"{self.name} has no QMP connection")
-        arguments = dict(args or {})
-        arguments.update({k.replace("_", "-"): v for k, v in kwargs.items()})
-        result = self._qmp.cmd(cmd, **arguments)
-        self._collect_events()
-        return result
-
-    def _collect_events(self, wait: float = 0.0) -> None:
-        if self._qmp is None:
-            return
-        try:
-            while True:
-                event = self._qmp.pull_event(wait=float(wait) if wait else False)
-                if event is None:
-                    return
-                self.events.append(event)
-                self._unclaimed.append(event)
-                wait = 0.0
-        except (TimeoutError, asyncio.TimeoutError, QMPError, OSError):
-            return
-
-    def wait_event(self, name: str, timeout: float = 30.0,
-                   match: Optional[Callable[[dict[str, Any]], bool]] = None
-                   ) -> dict[str, Any]:
-        """Return the oldest not yet claimed event called ``name``.
-
-        Events that arrived before the call count, so there is no race with
-        the command that triggers them. ``match`` narrows by data, e.g.
-        ``lambda e: e["data"]["status"] == "completed"``.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            for event in self._unclaimed:
-                if event.get("event") == name and (match is None or match(event)):
-                    self._unclaimed.remove(event)
-                    return event
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WaitTimeout(f"timed out after {timeout:g} s waiting for "
-                                  f"event {name} on {self.name}")
-            self._check_alive(f"event {name}")
-            self._collect_events(wait=min(remaining, 0.5))
-
-    # -- serial console --------------------------------------------------
-
-    def console(self) -> str:
-        """Everything the guest printed on its serial console so far."""
-        try:
-            return self.console_path.read_text(errors="replace").replace("\r", "")
-        except FileNotFoundError:
-            return ""
-
-    def console_mark(self) -> int:
-        """Position in the console output, for ``since=`` of the waits."""
-        return len(self.console())
-
-    def wait_console(self, regex: str, timeout: float = 30.0,
-                     since: int = 0) -> re.Match[str]:
-        """Wait until the console (from offset ``since``) matches ``regex``."""
-        pattern = re.compile(regex)
-
-        def found() -> Optional[re.Match[str]]:
-            m = pattern.search(self.console(), since)
-            if m is None:
-                self._check_alive(f"console output /{regex}/")
-            return m
-
-        return wait_until(found, timeout, f"/{regex}/ on {self.name}'s console")
-
-    def ticks(self, since: int = 0) -> list[Tick]:
-        """Tick lines printed so far (from console offset ``since``)."""
-        return parse_ticks(self.console()[since:])
-
-    def last_tick(self) -> Optional[Tick]:
-        ticks = self.ticks()
-        return ticks[-1] if ticks else None
-
-    def wait_tick(self, n: int = 1, timeout: float = 30.0,
-                  since: int = 0) -> Tick:
-        """Wait for a tick line numbered ``n`` or more; return the first one."""
-        def found() -> Optional[Tick]:
-            for tick in self.ticks(since):
-                if tick.n >= n:
-                    return tick
-            self._check_alive(f"tick {n}")
-            return None
-
-        return wait_until(found, timeout, f"tick {n} on {self.name}", 0.2)
-
-    def wait_ticks(self, count: int, timeout: float = 30.0,
-                   since: int = 0) -> list[Tick]:
-        """Wait until ``count`` tick lines appeared after offset ``since``."""
-        def found() -> Optional[list[Tick]]:
-            ticks = self.ticks(since)
-            if len(ticks) >= count:
-                return ticks
-            self._check_alive(f"{count} ticks")
-            return None
-
-        return wait_until(found, timeout, f"{count} ticks on {self.name}", 0.2)
-
 
 class CurlingTest(avocado.Test):
     """Base class of every Curling functional test.
@@ -515,28 +187,10 @@ class CurlingTest(avocado.Test):
         assert self._tmpdir is not None
         qmp_path = self._tmpdir / f"{stem}.qmp"
         console.touch()
-        args = [
-            str(self.qemu_bin),
-            "-name", name,
-            "-machine", machine,
-            "-accel", accel,
-            "-m", mem,
-            "-smp", "1",
-            "-nodefaults",
-            "-display", "none",
-            "-no-reboot",
-            "-nic", "none",
-            "-kernel", str(self.guest.kernel),
-            "-initrd", str(self.guest.initrd),
-            "-append", f"{KERNEL_CMDLINE} {append}".strip(),
-            "-chardev", f"file,id=serial0,path={console}",
-            "-serial", "chardev:serial0",
-            "-chardev", f"socket,id=qmp,path={qmp_path},server=on,wait=off",
-            "-mon", "chardev=qmp,mode=control",
-            *extra_args,
-        ]
-        if incoming is not None:
-            args += ["-incoming", incoming]
+        args = guest_args(self.qemu_bin, self.guest, name, accel=accel,
+                          console=console, qmp_path=qmp_path,
+                          incoming=incoming, mem=mem, machine=machine,
+                          append=append, extra_args=extra_args)
         return VM(name, args, console, qemu_log, qmp_path, self.log,
                   cpu_affinity)
 
