@@ -5,6 +5,8 @@
 # on the serial console.  Kernel command line:
 #   curling.workload=NAME  program under /bin to run (default curling-counter)
 #   curling.mode=shell     start a shell on the console instead
+#   curling.vga=1          also copy the workload's output to the VGA text
+#                          console (/dev/tty0), with the cursor hidden
 # Every other curling.* option is read by the workload from /proc/cmdline.
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/bin /usr/sbin
@@ -17,10 +19,12 @@ mount -t tmpfs tmpfs /tmp
 
 workload=curling-counter
 mode=
+vga=
 for opt in $(cat /proc/cmdline); do
     case "$opt" in
     curling.workload=*) workload="${opt#curling.workload=}" ;;
     curling.mode=*) mode="${opt#curling.mode=}" ;;
+    curling.vga=*) vga="${opt#curling.vga=}" ;;
     esac
 done
 
@@ -33,6 +37,13 @@ if [ "$mode" = shell ]; then
 fi
 
 echo "curling: init workload=$workload" >"$console"
-"/bin/$workload" <"$console" >"$console" 2>&1
-echo "curling: workload exited rc=$?" >"$console"
+if [ "$vga" = 1 ] && [ -c /dev/tty0 ]; then
+    # A blinking cursor would make two screenshots of one state differ.
+    printf '\033[?25l' >/dev/tty0
+    { "/bin/$workload" <"$console" 2>&1
+      echo "curling: workload exited rc=$?"; } | tee /dev/tty0 >"$console"
+else
+    "/bin/$workload" <"$console" >"$console" 2>&1
+    echo "curling: workload exited rc=$?" >"$console"
+fi
 exec setsid cttyhack sh <"$console" >"$console" 2>&1
