@@ -1,0 +1,375 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Curling control: cancel, a lost receiver, the checkpoint interval and
+heartbeats, and that the receiver really mirrors the sender (RAM, screen).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import time
+from typing import Any, Optional
+
+from curling_test import VM, CurlingTest, Tick, curling_info, wait_until
+
+#: Seconds from QEMU start to a ticking guest.
+BOOT_DEADLINE = 120.0
+PAGE = 4096
+MiB = 1024 * 1024
+
+
+class CurlingControlBase(CurlingTest):
+    """Helpers shared by the control tests.
+
+    :avocado: disable
+    """
+
+    APPEND = "curling.mode=dirty curling.rate=4"
+
+    def start_protected(self, machine: str = "pc", append: Optional[str] = None,
+                        extra_args: tuple[str, ...] = (),
+                        **params: Any) -> tuple[VM, VM]:
+        """Boot a sender, protect it to a receiver, let a few checkpoints
+        commit; returns (sender, receiver)."""
+        sender, receiver, uri = self.launch_pair(
+            machine=machine, append=append or self.APPEND,
+            extra_args=extra_args)
+        sender.wait_tick(5, timeout=BOOT_DEADLINE)
+        self.protect(sender, receiver, uri, **params)
+        return sender, receiver
+
+    def assert_ticking(self, vm: VM, since: int, count: int = 10) -> list[Tick]:
+        """``vm``'s guest prints ``count`` more ticks, one by one, all ok."""
+        ticks = vm.wait_ticks(count, timeout=60, since=since)
+        numbers = [t.n for t in ticks]
+        self.assertEqual(numbers, list(range(numbers[0],
+                                             numbers[0] + len(numbers))),
+                         f"ticks on {vm.name} do not go up one by one")
+        self.assertEqual([t.line for t in vm.ticks() if not t.ok], [],
+                         f"memory self-check failed on {vm.name}")
+        return ticks
+
+    def wait_curling_status(self, vm: VM, status: str,
+                            timeout: float = 30.0) -> dict[str, Any]:
+        return wait_until(
+            lambda: (lambda i: i if i["status"] == status else None)(
+                curling_info(vm)),
+            timeout, f"Curling status {status} on {vm.name}", 0.05)
+
+    def failovers(self, vm: VM) -> list[dict[str, Any]]:
+        vm.qmp("query-status")      # collects pending events
+        return [e for e in vm.events if e.get("event") == "CURLING_FAILOVER"]
+
+    def scratch(self, name: str) -> pathlib.Path:
+        assert self._tmpdir is not None
+        return self._tmpdir / name
+
+
+class CurlingControl(CurlingControlBase):
+    """
+    :avocado: tags=arch:x86_64,curling,control
+    """
+
+    # -- ending protection ----------------------------------------------
+
+    def test_cancel_no_failover(self) -> None:
+        """migrate_cancel ends protection cleanly: the sender's guest runs
+        on, the receiver stays paused and never takes over, not even when
+        the sender dies afterwards."""
+        sender, receiver = self.start_protected()
+        self.wait_checkpoints(sender, 3)
+
+        sender.qmp("migrate_cancel")
+        self.wait_curling_status(sender, "cancelled")
+        self.wait_curling_status(receiver, "cancelled")
+        sender.wait_event("CURLING_STATE",
+                          match=lambda e: e["data"]["status"] == "cancelled")
+        receiver.wait_event("CURLING_STATE",
+                            match=lambda e: e["data"]["status"] == "cancelled")
+        self.log.info("sender query-migrate after cancel: %s",
+                      sender.qmp("query-migrate").get("status"))
+        self.log.info("receiver query-migrate after cancel: %s",
+                      receiver.qmp("query-migrate").get("status"))
+
+        self.assertEqual(sender.qmp("query-status")["status"], "running")
+        self.assert_ticking(sender, sender.console_mark())
+        self.assertEqual(receiver.qmp("query-status")["status"], "paused")
+
+        sender.kill()
+        # Well past curling-timeout: a receiver still listening would have
+        # taken over by now.
+        time.sleep(3 * curling_info(receiver)["timeout"] / 1000 + 1)
+        self.assertEqual(self.failovers(receiver), [],
+                         "the receiver failed over after migrate_cancel")
+        self.assertEqual(receiver.qmp("query-status")["status"], "paused")
+        self.assertEqual(curling_info(receiver)["status"], "cancelled")
+        self.assertEqual(receiver.ticks(), [],
+                         "the cancelled receiver ran the guest")
+
+    def test_receiver_lost(self) -> None:
+        """kill -9 the receiver: the sender reports the error and its guest
+        runs on untouched."""
+        sender, receiver = self.start_protected()
+        self.wait_checkpoints(sender, 3)
+        mark = sender.console_mark()
+
+        t_kill = time.monotonic()
+        receiver.kill()
+        info = self.wait_curling_status(sender, "error", timeout=15)
+        self.log.info("sender reported error %.3f s after the receiver's "
+                      "death: %s", time.monotonic() - t_kill, info)
+        migrate = sender.qmp("query-migrate")
+        self.log.info("sender query-migrate: %s", migrate)
+        self.assertEqual(migrate["status"], "failed")
+        self.assertEqual(sender.qmp("query-status")["status"], "running")
+        ticks = self.assert_ticking(sender, mark, count=20)
+        self.assertGreater(ticks[-1].pages, ticks[0].pages,
+                           "the guest stopped dirtying memory")
+
+    def test_receiver_stall_no_split_brain(self) -> None:
+        """A receiver that stalls for longer than curling-timeout and then
+        comes back must not start a second copy of the guest while the
+        sender's copy runs on (the sender is alive and connected: it can
+        tell the receiver that it gave up)."""
+        sender, receiver = self.start_protected()
+        self.wait_checkpoints(sender, 3)
+        timeout_s = curling_info(sender)["timeout"] / 1000
+
+        os.kill(receiver.pid, signal.SIGSTOP)
+        self.log.info("SIGSTOP to %s (pid %d)", receiver.name, receiver.pid)
+        try:
+            info = self.wait_curling_status(sender, "error",
+                                            timeout=timeout_s + 10)
+        finally:
+            os.kill(receiver.pid, signal.SIGCONT)
+        self.log.info("sender gave up: %s; %s",
+                      sender.qmp("query-migrate").get("error-desc"), info)
+        time.sleep(2 * timeout_s + 2)
+
+        on_sender = sender.qmp("query-status")["status"]
+        on_receiver = receiver.qmp("query-status")["status"]
+        self.log.info("after the stall: sender %s, receiver %s (Curling %s, "
+                      "failovers %s)", on_sender, on_receiver,
+                      curling_info(receiver)["status"],
+                      self.failovers(receiver))
+        self.assertIn("running", (on_sender, on_receiver),
+                      "no copy of the guest runs")
+        self.assertFalse(
+            on_sender == "running" and on_receiver == "running",
+            "split brain: the sender gave up protection and kept its guest "
+            "running, and the receiver took over as well")
+
+    # -- the receiver mirrors the sender --------------------------------
+
+    def test_ram_identical_when_stopped(self) -> None:
+        """With the sender's guest stopped, two checkpoints later the
+        receiver's RAM equals the sender's, byte for byte (pc)."""
+        self.check_ram_identical("pc")
+
+    def test_ram_identical_when_stopped_q35(self) -> None:
+        """The same on q35."""
+        self.check_ram_identical("q35")
+
+    def check_ram_identical(self, machine: str) -> None:
+        sender, receiver = self.start_protected(machine=machine)
+        self.wait_checkpoints(sender, 3)
+        sender.qmp("stop")
+        self.assertEqual(sender.qmp("query-status")["status"], "paused")
+        info = self.wait_checkpoints(sender, 2)
+        self.log.info("stopped sender committed seq %d", info["sequence"])
+
+        size = 256 * MiB
+        dumps = {}
+        for vm in (sender, receiver):
+            path = self.scratch(f"{vm.name}-ram.bin")
+            vm.qmp("pmemsave", val=0, size=size, filename=str(path))
+            self.assertEqual(path.stat().st_size, size)
+            dumps[vm.name] = path
+        self.assertEqual(curling_info(sender)["status"], "protecting")
+        self.assertFalse(receiver.qmp("query-status")["running"])
+
+        differing = []
+        nonzero = 0
+        with dumps["sender"].open("rb") as a, dumps["receiver"].open("rb") as b:
+            offset = 0
+            while True:
+                x = a.read(MiB)
+                y = b.read(MiB)
+                if not x and not y:
+                    break
+                if x.count(0) != len(x):
+                    nonzero += 1
+                if x != y:
+                    for p in range(0, max(len(x), len(y)), PAGE):
+                        if x[p:p + PAGE] != y[p:p + PAGE]:
+                            differing.append(offset + p)
+                offset += len(x)
+        for path in dumps.values():
+            path.unlink()
+        self.assertGreater(nonzero, 16, "the sender's RAM dump is blank")
+        self.assertEqual(
+            len(differing), 0,
+            f"{len(differing)} of {size // PAGE} 4 KiB pages differ between "
+            f"the sender and the receiver, first at "
+            f"{[hex(a) for a in differing[:10]]}")
+
+    def test_screen_matches(self) -> None:
+        """The receiver's VGA screen, as of a checkpoint, equals the
+        sender's."""
+        append = self.APPEND + " curling.vga=1"
+        sender, receiver = self.start_protected(
+            append=append, extra_args=("-device", "VGA"))
+        self.wait_checkpoints(sender, 3)
+
+        # Past tick 60 the 50-line text screen has scrolled: vgacon scrolls
+        # by moving the start address, so the CRTC state matters too.
+        sender.wait_tick(60, timeout=60)
+        before = self.screendump(sender, "sender-running.ppm")
+        mark = sender.console_mark()
+        sender.wait_ticks(5, timeout=30, since=mark)
+        sender.qmp("stop")
+        self.wait_checkpoints(sender, 2)
+        on_sender = self.screendump(sender, "sender.ppm")
+        on_receiver = self.screendump(receiver, "receiver.ppm")
+
+        header, pixels = self.parse_ppm(on_sender)
+        colours = {pixels[i:i + 3] for i in range(0, len(pixels), 3)}
+        self.log.info("screen %s, %d colours", header, len(colours))
+        self.assertGreater(len(colours), 1, "the sender's screen is blank")
+        self.assertNotEqual(before, on_sender,
+                            "the sender's screen does not change as the "
+                            "guest ticks (is the workload on the VGA "
+                            "console?)")
+        if on_receiver != on_sender:
+            rheader, rpixels = self.parse_ppm(on_receiver)
+            diff = sum(1 for i in range(0, min(len(pixels), len(rpixels)), 3)
+                       if pixels[i:i + 3] != rpixels[i:i + 3])
+            self.fail(f"the receiver's screen ({rheader}) differs from the "
+                      f"sender's ({header}) in {diff} pixels; see "
+                      f"sender.ppm and receiver.ppm in the test log dir")
+
+    def screendump(self, vm: VM, name: str) -> bytes:
+        path = self.logdir_path / name
+        vm.qmp("screendump", filename=str(path))
+        return path.read_bytes()
+
+    @staticmethod
+    def parse_ppm(data: bytes) -> tuple[str, bytes]:
+        """(header, pixel bytes) of a binary PPM (P6) file."""
+        fields = []
+        pos = 0
+        while len(fields) < 4:
+            while data[pos:pos + 1].isspace():
+                pos += 1
+            if data[pos:pos + 1] == b"#":
+                pos = data.index(b"\n", pos) + 1
+                continue
+            end = pos
+            while not data[end:end + 1].isspace():
+                end += 1
+            fields.append(data[pos:end].decode())
+            pos = end
+        assert fields[0] == "P6", f"not a binary PPM: {fields[0]}"
+        return " ".join(fields), data[pos + 1:]
+
+    # -- timing -----------------------------------------------------------
+
+    def measure_period(self, vm: VM, seconds: float) -> tuple[float, float, int]:
+        """Measure ``vm``'s checkpoint period over about ``seconds``: returns
+        (period ms, mean duration ms of the same checkpoints, count)."""
+        def next_commit(after: int) -> tuple[float, dict[str, Any]]:
+            info = wait_until(
+                lambda: (lambda i: i if i["checkpoints"] > after else None)(
+                    curling_info(vm)),
+                30, f"a commit on {vm.name}", 0.005)
+            return time.monotonic(), info
+
+        t0, i0 = next_commit(curling_info(vm)["checkpoints"])
+        time.sleep(seconds)
+        t1, i1 = next_commit(curling_info(vm)["checkpoints"])
+        n = i1["checkpoints"] - i0["checkpoints"]
+        self.assertGreater(n, 0)
+        period = (t1 - t0) * 1000 / n
+        duration = (i1["mean-duration"] * i1["checkpoints"] -
+                    i0["mean-duration"] * i0["checkpoints"]) / n
+        return period, duration, n
+
+    def test_interval_honoured(self) -> None:
+        """Checkpoints follow each other every curling-interval plus the
+        time a checkpoint takes, and a live change of the interval applies."""
+        sender, receiver = self.start_protected(curling_interval=100)
+        self.wait_checkpoints(sender, 5)
+        results = {}
+        for interval, seconds in ((100, 4.0), (400, 6.0)):
+            if interval != 100:
+                sender.qmp("migrate-set-parameters",
+                           curling_interval=interval)
+                self.assertEqual(curling_info(sender)["interval"], interval)
+                self.wait_checkpoints(sender, 2)
+            period, duration, n = self.measure_period(sender, seconds)
+            expected = interval + duration
+            self.log.info("interval %d ms: %d checkpoints, period %.1f ms, "
+                          "mean duration %.1f ms, expected %.1f ms", interval,
+                          n, period, duration, expected)
+            self.assertAlmostEqual(
+                period, expected, delta=0.25 * expected,
+                msg=f"checkpoint period {period:.1f} ms at interval "
+                    f"{interval} ms (mean duration {duration:.1f} ms)")
+            results[interval] = (period, duration)
+        info = curling_info(sender)
+        self.log.info("sender: pause mean %.2f ms max %.2f ms, bytes mean %d "
+                      "max %d", info["mean-pause"], info["max-pause"],
+                      info["mean-bytes"], info["max-bytes"])
+        # The part of the period that is not the checkpoint itself grows by
+        # the change of the interval.
+        sleep_100 = results[100][0] - results[100][1]
+        sleep_400 = results[400][0] - results[400][1]
+        self.assertAlmostEqual(
+            sleep_400 - sleep_100, 300, delta=75,
+            msg=f"time between checkpoints went from {sleep_100:.1f} to "
+                f"{sleep_400:.1f} ms when the interval went from 100 to 400")
+        self.assertEqual(curling_info(receiver)["status"], "protecting")
+
+    def test_long_interval_heartbeat(self) -> None:
+        """An interval longer than curling-timeout: heartbeats keep the
+        receiver from taking over, and checkpoints still commit."""
+        interval, timeout = 3000, 1000
+        sender, receiver, uri = self.launch_pair(append=self.APPEND)
+        receiver.qmp("migrate-set-parameters", curling_timeout=timeout)
+        sender.wait_tick(5, timeout=BOOT_DEADLINE)
+        self.protect(sender, receiver, uri, curling_interval=interval,
+                     curling_timeout=timeout)
+        self.assertEqual(curling_info(receiver)["timeout"], timeout)
+        self.wait_checkpoints(sender, 1, timeout=30)
+
+        commits = []
+        last = curling_info(sender)["checkpoints"]
+        max_silence = 0
+        end = time.monotonic() + 10.0
+        while time.monotonic() < end:
+            rinfo = curling_info(receiver)
+            self.assertEqual(rinfo["status"], "protecting",
+                             f"the receiver stopped protecting: {rinfo}")
+            max_silence = max(max_silence, rinfo.get("since-commit", 0))
+            info = curling_info(sender)
+            self.assertEqual(info["status"], "protecting")
+            if info["checkpoints"] > last:
+                commits.append((time.monotonic(), info))
+                last = info["checkpoints"]
+            time.sleep(0.05)
+        self.assertEqual(self.failovers(receiver), [])
+        self.assertFalse(receiver.qmp("query-status")["running"])
+        gaps = [(b[0] - a[0]) * 1000 for a, b in zip(commits, commits[1:])]
+        self.log.info("commits in 10 s: %d, gaps %s ms, durations %s ms, "
+                      "longest silence seen by the receiver %d ms",
+                      len(commits), [round(g) for g in gaps],
+                      [round(c[1]["last-duration"]) for c in commits],
+                      max_silence)
+        self.assertGreater(max_silence, 2 * timeout,
+                           "the receiver never went long without a commit")
+        self.assertGreaterEqual(len(commits), 2, "checkpoints stopped")
+        self.assertLessEqual(len(commits), 4)
+        for gap, (_, info) in zip(gaps, commits[1:]):
+            expected = interval + info["last-duration"]
+            self.assertAlmostEqual(gap, expected, delta=0.25 * expected)

@@ -1,0 +1,335 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Curling failover: the receiver takes over from the last committed
+checkpoint when the sender dies or goes silent.
+
+Every test checks the guest's own view: the tick counter it prints on its
+serial console must go on from a point no older than the last committed
+checkpoint and no newer than what the sender had reached, one by one, and
+its memory self-check (``check=ok``) must never see a state that mixes two
+points in time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import re
+import signal
+import time
+from typing import Any
+
+from curling_test import (VM, CurlingTest, Tick, curling_info, free_tcp_port,
+                          wait_until)
+
+#: Seconds from the sender's death to CURLING_FAILOVER on the receiver.
+FAILOVER_DEADLINE = 10.0
+#: Seconds from QEMU start to a ticking guest.
+BOOT_DEADLINE = 120.0
+#: Ticks the failed-over guest must print (1.5 s: a full self-check of
+#: every page takes at most 1 s).
+TICKS_AFTER_FAILOVER = 15
+
+TICK_NUMBER_RE = re.compile(r"curling: tick=(\d+)")
+
+
+def event_time(event: dict[str, Any]) -> float:
+    """Wall-clock time of a QMP event, as QEMU stamped it."""
+    stamp = event["timestamp"]
+    return stamp["seconds"] + stamp["microseconds"] / 1e6
+
+
+@dataclasses.dataclass
+class RoundResult:
+    """What one kill round measured."""
+
+    failover_s: float       # sender's death -> CURLING_FAILOVER timestamp
+    sequence: int           # sequence the receiver resumed from
+    first_tick: int         # first tick the receiver printed
+    window: tuple[int, int]  # allowed range for first_tick
+
+
+class CurlingFailoverBase(CurlingTest):
+    """Helpers shared by the failover tests.
+
+    :avocado: disable
+    """
+
+    APPEND = "curling.mode=dirty curling.rate=4"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self._cpus = sorted(os.sched_getaffinity(0))
+
+    # -- helpers --------------------------------------------------------
+
+    def assert_ticks_ok(self, vm: VM, since: int = 0) -> list[Tick]:
+        ticks = vm.ticks(since)
+        bad = [t.line for t in ticks if not t.ok]
+        self.assertEqual(bad, [], f"memory self-check failed on {vm.name}")
+        return ticks
+
+    def assert_consecutive(self, vm: VM, ticks: list[Tick]) -> None:
+        numbers = [t.n for t in ticks]
+        expected = list(range(numbers[0], numbers[0] + len(numbers)))
+        self.assertEqual(numbers, expected,
+                         f"ticks on {vm.name} do not go up one by one")
+
+    def sender_final_tick(self, sender: VM) -> tuple[int, bool]:
+        """Last complete tick of a dead sender, and whether its console
+        ended in the middle of a line (a tick being printed when it died)."""
+        text = sender.console()
+        ticks = sender.ticks()
+        self.assertTrue(ticks, f"{sender.name} never ticked")
+        return ticks[-1].n, not text.endswith("\n")
+
+    def new_receiver(self, name: str, sender: VM, machine: str, append: str,
+                     extra_args: tuple[str, ...] = ()) -> tuple[VM, str]:
+        """A fresh receiver for ``sender``, on the other host CPU."""
+        uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
+        affinity = None
+        if len(self._cpus) >= 2 and sender.cpu_affinity:
+            other = [c for c in self._cpus if c not in sender.cpu_affinity]
+            affinity = {other[0]}
+        receiver = self.launch_vm(name, incoming=uri, machine=machine,
+                                  append=append, extra_args=extra_args,
+                                  cpu_affinity=affinity)
+        return receiver, uri
+
+    def kill_round(self, sender: VM, receiver: VM, hold: float,
+                   label: str = "") -> RoundResult:
+        """Protect for ``hold`` s after a fresh commit, kill -9 the sender
+        and check how the receiver takes over."""
+        before = sender.last_tick()
+        self.assertIsNotNone(before, f"{sender.name} has not ticked yet")
+        assert before is not None
+        t_seen = before.n
+        info = self.wait_checkpoints(sender, 2)
+        committed = info["sequence"]
+        time.sleep(hold)
+        info = curling_info(sender)
+        self.assertEqual(info["status"], "protecting",
+                         f"{sender.name} stopped protecting before the kill")
+        committed = max(committed, info["sequence"])
+        last_before = sender.last_tick()
+        assert last_before is not None
+        mark = receiver.console_mark()
+
+        t_kill = time.time()
+        sender.kill(signal.SIGKILL)
+        event = receiver.wait_event("CURLING_FAILOVER",
+                                    timeout=FAILOVER_DEADLINE)
+        failover_s = event_time(event) - t_kill
+        sequence = event["data"]["sequence"]
+
+        last, mid_line = self.sender_final_tick(sender)
+        self.assertGreaterEqual(last, last_before.n)
+        self.log.info("%s: %s killed after %.2f s; committed seq %d, ticks "
+                      "%d..%d; %s resumed seq %d after %.3f s", label,
+                      sender.name, hold, committed, t_seen, last,
+                      receiver.name, sequence, failover_s)
+        self.assertGreaterEqual(
+            sequence, committed,
+            f"{receiver.name} resumed from sequence {sequence}, older than "
+            f"the {committed} the sender had seen committed")
+
+        ticks = receiver.wait_ticks(TICKS_AFTER_FAILOVER, timeout=60,
+                                    since=mark)
+        # A tick whose line was cut by the kill may come out whole on the
+        # receiver, then the next one: allow one more in that case only.
+        high = last + 1 + (1 if mid_line else 0)
+        first = ticks[0].n
+        self.log.info("%s: %s's first tick %d (allowed %d..%d)", label,
+                      receiver.name, first, t_seen + 1, high)
+        self.assertGreaterEqual(
+            first, t_seen + 1,
+            f"{receiver.name} resumed at tick {first}, older than tick "
+            f"{t_seen} that a committed checkpoint had already seen")
+        self.assertLessEqual(
+            first, high,
+            f"{receiver.name} resumed at tick {first}, but the sender had "
+            f"only reached tick {last}")
+        self.assert_consecutive(receiver, ticks)
+        self.assert_ticks_ok(receiver, since=mark)
+        self.assert_ticks_ok(sender)
+
+        self.assertEqual(receiver.qmp("query-status")["status"], "running")
+        self.assertEqual(curling_info(receiver)["status"], "failed-over")
+        return RoundResult(failover_s, sequence, first, (t_seen + 1, high))
+
+
+class CurlingFailover(CurlingFailoverBase):
+    """
+    :avocado: tags=arch:x86_64,curling,failover
+    """
+
+    ROUNDS = 10
+
+    def test_kill_rounds(self) -> None:
+        """kill -9 the sender at random moments, round after round; every
+        time the receiver goes on from the last committed checkpoint.
+
+        Rounds are chained: the failed-over QEMU protects the guest again
+        with a new receiver, so the guest boots once. ``CURLING_SEED``
+        replays a run.
+        """
+        seed = int(os.environ.get("CURLING_SEED", time.time_ns() % 2**32))
+        self.log.info("random seed %d (set CURLING_SEED=%d to replay)",
+                      seed, seed)
+        rng = random.Random(seed)
+
+        sender, receiver, uri = self.launch_pair(append=self.APPEND)
+        sender.wait_tick(5, timeout=BOOT_DEADLINE)
+        results = []
+        for rnd in range(1, self.ROUNDS + 1):
+            label = f"round {rnd}/{self.ROUNDS} (seed {seed})"
+            start = time.monotonic()
+            self.protect(sender, receiver, uri)
+            self.log.info("%s: %s protects the guest to %s after %.1f s",
+                          label, sender.name, receiver.name,
+                          time.monotonic() - start)
+            results.append(self.kill_round(sender, receiver,
+                                           rng.uniform(0.3, 2.5), label))
+            if rnd < self.ROUNDS:
+                sender = receiver
+                receiver, uri = self.new_receiver(f"receiver{rnd + 1}",
+                                                  sender, "pc", self.APPEND)
+
+        times = sorted(r.failover_s for r in results)
+        self.log.info("failover after kill: min %.3f s, median %.3f s, "
+                      "max %.3f s", times[0], times[len(times) // 2],
+                      times[-1])
+
+    def test_kill_mid_transfer(self) -> None:
+        """kill -9 while a checkpoint is on the wire: the receiver drops
+        the partial checkpoint and resumes from the last committed one."""
+        # A checkpoint holds what the guest dirtied in interval + duration,
+        # and takes size / bandwidth to send: with 6 MiB/s dirtied and
+        # 16 MiB/s of bandwidth it settles at ~6 MiB and ~450 ms on the
+        # wire.  (A dirty rate above the bandwidth would make checkpoints
+        # grow until they hold the whole buffer.)
+        append = "curling.mode=dirty curling.rate=6 curling.mb=64"
+        sender, receiver, uri = self.launch_pair(append=append)
+        sender.wait_tick(5, timeout=BOOT_DEADLINE)
+        self.protect(sender, receiver, uri, curling_interval=500)
+        interval = curling_info(sender)["interval"]
+        self.assertEqual(interval, 500)
+
+        sender.qmp("migrate-set-parameters", max_bandwidth=16 * 1024 * 1024)
+        self.wait_checkpoints(sender, 3)
+        durations = []
+        sizes = []
+        for _ in range(4):
+            info = self.wait_checkpoints(sender, 1)
+            durations.append(info["last-duration"])
+            sizes.append(info["last-bytes"])
+        duration = sorted(durations)[len(durations) // 2]
+        self.log.info("throttled checkpoints: durations %s ms, sizes %s",
+                      durations, sizes)
+        self.assertGreater(duration, 150,
+                           "checkpoints are too quick to be hit mid-transfer "
+                           "(does max-bandwidth apply to checkpoints?)")
+
+        # Kill once the next checkpoint's transfer is well under way but
+        # far from its end; retry when a commit slipped in.
+        target = interval + 0.4 * duration
+        for attempt in range(10):
+            # The second commit from now holds a state taken after tick
+            # t_seen was printed.
+            t_seen = sender.last_tick().n
+            prev = curling_info(sender)["checkpoints"]
+            info = wait_until(
+                lambda: (lambda i: i if i["checkpoints"] >= prev + 2 else
+                         None)(curling_info(sender)), 30, "two commits", 0.01)
+            committed = info["sequence"]
+            time.sleep(max(0.0, (target - info["since-commit"]) / 1000))
+            info = curling_info(sender)
+            rinfo = curling_info(receiver)
+            if (info["sequence"] != committed or
+                    rinfo["sequence"] != committed or
+                    info["status"] != "protecting"):
+                self.log.info("attempt %d: a commit came in first: %s %s",
+                              attempt, info, rinfo)
+                continue
+            if info["since-commit"] < interval + 100:
+                self.log.info("attempt %d: too early: %s", attempt, info)
+                continue
+            sender.kill(signal.SIGKILL)
+            self.log.info("killed %s %d ms after commit of seq %d (interval "
+                          "%d ms, typical duration %d ms)", sender.name,
+                          info["since-commit"], committed, interval, duration)
+            break
+        else:
+            self.fail("could not kill the sender between two commits")
+
+        event = receiver.wait_event("CURLING_FAILOVER",
+                                    timeout=FAILOVER_DEADLINE)
+        self.assertEqual(event["data"]["sequence"], committed,
+                         "the receiver did not resume from the last "
+                         "committed checkpoint")
+        self.assertEqual(curling_info(receiver)["sequence"], committed)
+        ticks = receiver.wait_ticks(TICKS_AFTER_FAILOVER, timeout=60)
+        last, _ = self.sender_final_tick(sender)
+        self.log.info("sender's ticks %d..%d, receiver's first %d", t_seen,
+                      last, ticks[0].n)
+        self.assertGreaterEqual(ticks[0].n, t_seen + 1)
+        self.assertLessEqual(ticks[0].n, last + 2)
+        self.assert_consecutive(receiver, ticks)
+        self.assert_ticks_ok(receiver)
+        self.assert_ticks_ok(sender)
+
+    def test_silent_sender(self) -> None:
+        """A stopped (SIGSTOP) sender says nothing: the receiver takes over
+        after curling-timeout, not before."""
+        timeout_ms = 2000
+        sender, receiver, uri = self.launch_pair(append=self.APPEND)
+        receiver.qmp("migrate-set-parameters", curling_timeout=timeout_ms)
+        sender.wait_tick(5, timeout=BOOT_DEADLINE)
+        self.protect(sender, receiver, uri, curling_timeout=timeout_ms)
+        self.assertEqual(curling_info(receiver)["timeout"], timeout_ms)
+
+        before = sender.last_tick()
+        assert before is not None
+        info = self.wait_checkpoints(sender, 2)
+        t_stop = time.time()
+        os.kill(sender.pid, signal.SIGSTOP)
+        self.log.info("SIGSTOP to %s (pid %d), committed seq %d",
+                      sender.name, sender.pid, info["sequence"])
+        try:
+            event = receiver.wait_event("CURLING_FAILOVER",
+                                        timeout=timeout_ms / 1000 + 20)
+            silent_s = event_time(event) - t_stop
+            self.log.info("failover %.3f s after SIGSTOP (timeout %d ms), "
+                          "seq %d", silent_s, timeout_ms,
+                          event["data"]["sequence"])
+            self.assertGreaterEqual(
+                silent_s, 0.8 * timeout_ms / 1000,
+                "the receiver failed over before curling-timeout")
+            self.assertLessEqual(
+                silent_s, timeout_ms / 1000 + 3,
+                "the receiver took far longer than curling-timeout")
+            self.assertGreaterEqual(event["data"]["sequence"],
+                                    info["sequence"])
+            ticks = receiver.wait_ticks(TICKS_AFTER_FAILOVER, timeout=60)
+            last, mid_line = self.sender_final_tick(sender)
+            self.log.info("sender's ticks %d..%d, receiver's first %d",
+                          before.n, last, ticks[0].n)
+            self.assertGreaterEqual(ticks[0].n, before.n + 1)
+            self.assertLessEqual(ticks[0].n, last + 1 + int(mid_line))
+            self.assert_consecutive(receiver, ticks)
+            self.assert_ticks_ok(receiver)
+            self.assert_ticks_ok(sender)
+            self.assertEqual(receiver.qmp("query-status")["status"],
+                             "running")
+        finally:
+            sender.kill(signal.SIGKILL)
+
+    def test_failover_q35(self) -> None:
+        """One kill round on q35, whose receiver reloads the device state
+        of the ICH9 chipset at every checkpoint."""
+        sender, receiver, uri = self.launch_pair(machine="q35",
+                                                 append=self.APPEND)
+        sender.wait_tick(5, timeout=BOOT_DEADLINE)
+        self.protect(sender, receiver, uri)
+        self.wait_checkpoints(sender, 10)
+        self.kill_round(sender, receiver, 1.0, "q35")
