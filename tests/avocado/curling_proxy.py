@@ -1,0 +1,517 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""A TCP man-in-the-middle between a Curling sender and its receiver.
+
+``CurlingProxy`` listens on 127.0.0.1, accepts one connection (the
+sender's ``migrate`` to ``curling:tcp:127.0.0.1:<proxy.port>``), connects
+to the receiver's port and forwards both directions.  It watches the
+receiver-to-sender direction for the READY acknowledgement; the sender
+sends nothing after the first round until READY arrives, so every byte
+from the sender after it belongs to a Curling frame, and the proxy parses
+them as frames (a 32-byte header, then the payload)::
+
+  u32 magic "CURL", u32 type, u64 sequence, u64 payload length,
+  u32 CRC32C(payload), u32 CRC32C(first 28 header bytes)
+
+On command (``arm_*``) it spoils one frame on the way:
+
+* ``arm_corrupt``: flip one byte in the payload of a checkpoint (its
+  checksum no longer matches);
+* ``arm_garbage``: replace a whole frame by random bytes of its length;
+* ``arm_cut``: close both connections after a chosen number of bytes of a
+  frame: none of it (between frames), part of the header, part of the
+  payload, or all of it.
+
+Everything runs in one thread; every wait is bounded and ``stop()`` ends
+it.  Only 127.0.0.1 is ever used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import selectors
+import socket
+import struct
+import threading
+import time
+from typing import Any, Optional
+
+FRAME_MAGIC = 0x4355524C     # "CURL"
+ACK_MAGIC = 0x4341434B       # "CACK"
+FRAME_HDR_SIZE = 32
+ACK_SIZE = 20
+
+CHECKPOINT, HEARTBEAT, CANCEL = 1, 2, 3
+ACK_READY, ACK_COMMIT = 1, 2
+FRAME_TYPES = {CHECKPOINT: "checkpoint", HEARTBEAT: "heartbeat",
+               CANCEL: "cancel"}
+
+HOST = "127.0.0.1"
+#: Seconds the proxy waits for the sender to connect.
+ACCEPT_TIMEOUT = 120.0
+#: Seconds a blocked send to either side may take.
+SEND_TIMEOUT = 30.0
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes, crc: int = 0xFFFFFFFF) -> int:
+    """QEMU's ``crc32c(0xffffffff, data, len)`` (util/crc32c.c)."""
+    for b in data:
+        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def make_ack(ack_type: int, sequence: int) -> bytes:
+    head = struct.pack(">IIQ", ACK_MAGIC, ack_type, sequence)
+    return head + struct.pack(">I", crc32c(head))
+
+
+READY_ACK = make_ack(ACK_READY, 0)
+
+
+@dataclasses.dataclass
+class Frame:
+    """A frame header the proxy has seen from the sender."""
+
+    type: int
+    sequence: int
+    length: int
+    offset: int                 # of its first byte in the frame stream
+    time: float                 # time.monotonic() when its header was whole
+
+    @property
+    def type_name(self) -> str:
+        return FRAME_TYPES.get(self.type, f"type {self.type}")
+
+    @property
+    def size(self) -> int:
+        return FRAME_HDR_SIZE + self.length
+
+
+@dataclasses.dataclass
+class Action:
+    """A spoiling action the test armed; ``result`` once it was done."""
+
+    kind: str                   # corrupt | garbage | cut
+    frame_type: int = CHECKPOINT
+    min_sequence: int = 0
+    cut: str = ""               # before | header | payload | after
+    rst: bool = False           # close with a reset instead of a FIN
+    result: Optional[dict[str, Any]] = None
+
+
+class CurlingProxy:
+    """One sender-to-receiver connection through 127.0.0.1."""
+
+    def __init__(self, target_port: int, log: Optional[logging.Logger] = None,
+                 rng: Optional[random.Random] = None,
+                 name: str = "proxy") -> None:
+        self.target_port = target_port
+        self.log = log or logging.getLogger("curling_proxy")
+        self.rng = rng or random.Random()
+        self.name = name
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((HOST, 0))
+        self._listener.listen(1)
+        self.port: int = self._listener.getsockname()[1]
+
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.ready = threading.Event()       # READY seen from the receiver
+        self.closed = threading.Event()      # both connections are gone
+        self.action_done = threading.Event()
+        self.error: Optional[str] = None     # what went wrong in the proxy
+        self.close_reason = ""
+
+        self._thread: Optional[threading.Thread] = None
+        self._up: Optional[socket.socket] = None    # from the sender
+        self._down: Optional[socket.socket] = None  # to the receiver
+
+        # sender -> receiver
+        self.first_round_bytes = 0
+        self.frame_bytes = 0                 # frame stream forwarded
+        self.frames: list[Frame] = []        # every header completed
+        self.last_checkpoint = 0             # last checkpoint forwarded whole
+        self._hdr = bytearray()
+        self._frame: Optional[Frame] = None
+        self._pos = 0                        # position in the current frame
+        self._flip: Optional[tuple[int, int]] = None  # (payload offset, mask)
+        self._garbage = False
+        self._cut_at: Optional[int] = None
+        self._passthrough = False            # lost track of frames
+        # receiver -> sender
+        self._acks = bytearray()
+        self._ack_stream = bytearray()
+        self.acks: list[tuple[int, int]] = []  # (type, sequence) after READY
+
+        self._action: Optional[Action] = None
+
+    # -- lifetime --------------------------------------------------------
+
+    def start(self) -> "CurlingProxy":
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"{self.name}-{self.port}")
+        self._thread.start()
+        self.log.info("%s: 127.0.0.1:%d -> 127.0.0.1:%d", self.name,
+                      self.port, self.target_port)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._close_all("stopped", rst=False)
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "CurlingProxy":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def uri(self) -> str:
+        return f"curling:tcp:{HOST}:{self.port}"
+
+    # -- commands from the test -------------------------------------------
+
+    def arm_corrupt(self, min_sequence: int = 0) -> Action:
+        """Flip one payload byte of the first checkpoint numbered
+        ``min_sequence`` or more."""
+        return self._arm(Action("corrupt", CHECKPOINT, min_sequence))
+
+    def arm_garbage(self, min_sequence: int = 0,
+                    frame_type: int = CHECKPOINT) -> Action:
+        """Replace the first matching frame, header and payload, by random
+        bytes of the same length."""
+        return self._arm(Action("garbage", frame_type, min_sequence))
+
+    def arm_cut(self, cut: str, min_sequence: int = 0,
+                frame_type: int = CHECKPOINT, rst: bool = False) -> Action:
+        """Close both connections inside the first matching frame.
+
+        ``cut`` says how much of the frame the receiver gets: ``before``
+        none of it, ``header`` 1..31 bytes, ``payload`` the header and
+        part of the payload, ``after`` all of it.  ``rst`` closes with a
+        TCP reset rather than a FIN.
+        """
+        assert cut in ("before", "header", "payload", "after"), cut
+        return self._arm(Action("cut", frame_type, min_sequence, cut, rst))
+
+    def _arm(self, action: Action) -> Action:
+        with self._lock:
+            if self._action is not None and self._action.result is None:
+                raise RuntimeError(f"{self.name}: an action is armed already")
+            self.action_done.clear()
+            self._action = action
+        self.log.info("%s: armed %s", self.name, action)
+        return action
+
+    def wait_action(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until the armed action was carried out; its result."""
+        if not self.action_done.wait(timeout):
+            raise AssertionError(
+                f"{self.name}: the armed action did not happen within "
+                f"{timeout:g} s (frames seen: {len(self.frames)}, "
+                f"closed: {self.close_reason or 'no'}, error: {self.error})")
+        assert self._action is not None and self._action.result is not None
+        return self._action.result
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        if not self.ready.wait(timeout):
+            raise AssertionError(f"{self.name}: no READY from the receiver "
+                                 f"within {timeout:g} s")
+
+    def wait_closed(self, timeout: float = 30.0) -> str:
+        if not self.closed.wait(timeout):
+            raise AssertionError(f"{self.name}: connections still open after "
+                                 f"{timeout:g} s")
+        return self.close_reason
+
+    # -- the proxy thread ------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._accept()
+            if self._up is not None and self._down is not None:
+                self._pump()
+        except Exception as exc:  # reported, not raised, in a thread
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.log.exception("%s failed", self.name)
+        finally:
+            self._close_all(self.close_reason or "proxy thread ended",
+                            rst=False)
+
+    def _accept(self) -> None:
+        deadline = time.monotonic() + ACCEPT_TIMEOUT
+        self._listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                up, peer = self._listener.accept()
+                break
+            except socket.timeout:
+                if time.monotonic() > deadline:
+                    self.close_reason = "nobody connected"
+                    return
+        else:
+            return
+        assert peer[0] == HOST, peer
+        self._listener.close()       # one connection only
+        down = socket.create_connection((HOST, self.target_port), timeout=10)
+        for s in (up, down):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.settimeout(SEND_TIMEOUT)
+        with self._lock:
+            self._up, self._down = up, down
+        self.log.info("%s: sender %s:%d connected, receiver connected",
+                      self.name, *peer)
+
+    def _pump(self) -> None:
+        sel = selectors.DefaultSelector()
+        assert self._up is not None and self._down is not None
+        sel.register(self._up, selectors.EVENT_READ, "up")
+        sel.register(self._down, selectors.EVENT_READ, "down")
+        try:
+            while not self._stop.is_set() and not self.closed.is_set():
+                for key, _ in sel.select(timeout=0.2):
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    try:
+                        data = sock.recv(256 * 1024)
+                    except OSError as exc:
+                        self._close_all(f"{key.data}: {exc}", rst=False)
+                        return
+                    if not data:
+                        side = "sender" if key.data == "up" else "receiver"
+                        self._close_all(f"{side} closed the connection",
+                                        rst=False)
+                        return
+                    if key.data == "up":
+                        self._from_sender(data)
+                    else:
+                        self._from_receiver(data)
+                    if self.closed.is_set():
+                        return
+        finally:
+            sel.close()
+
+    def _send(self, sock: Optional[socket.socket], data: bytes) -> None:
+        if not data or sock is None or self.closed.is_set():
+            return
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            self._close_all(f"sending: {exc}", rst=False)
+
+    def _close_all(self, reason: str, rst: bool) -> None:
+        with self._lock:
+            socks = [s for s in (self._up, self._down) if s is not None]
+            self._up = self._down = None
+            if not self.close_reason:
+                self.close_reason = reason
+        for s in socks:
+            try:
+                if rst:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                 struct.pack("ii", 1, 0))
+                s.close()
+            except OSError:
+                pass
+        if socks:
+            self.log.info("%s: closed (%s%s)", self.name, reason,
+                          ", reset" if rst else "")
+        self.closed.set()
+
+    # -- receiver -> sender: find READY, then read acknowledgements -------
+
+    def _from_receiver(self, data: bytes) -> None:
+        if not self.ready.is_set():
+            self._ack_stream += data
+            i = self._ack_stream.find(READY_ACK)
+            if i >= 0:
+                # Nothing of the sender's can be in flight: it waits for
+                # this READY, which is not forwarded yet.
+                self.ready.set()
+                self.log.info("%s: READY after %d bytes of first round",
+                              self.name, self.first_round_bytes)
+                self._acks += self._ack_stream[i + ACK_SIZE:]
+                self._ack_stream.clear()
+            else:
+                del self._ack_stream[:-ACK_SIZE]
+        else:
+            self._acks += data
+        while len(self._acks) >= ACK_SIZE and self.ready.is_set():
+            magic, typ, seq, _crc = struct.unpack(">IIQI",
+                                                  self._acks[:ACK_SIZE])
+            del self._acks[:ACK_SIZE]
+            if magic == ACK_MAGIC:
+                self.acks.append((typ, seq))
+        self._send(self._up, data)
+
+    # -- sender -> receiver: frames ---------------------------------------
+
+    def _from_sender(self, data: bytes) -> None:
+        if not self.ready.is_set() or self._passthrough:
+            if not self.ready.is_set():
+                self.first_round_bytes += len(data)
+            else:
+                self.frame_bytes += len(data)
+            self._send(self._down, data)
+            return
+        out = bytearray()
+        view = memoryview(data)
+        while len(view) and not self.closed.is_set():
+            if self._frame is None:
+                take = min(FRAME_HDR_SIZE - len(self._hdr), len(view))
+                self._hdr += view[:take]
+                view = view[take:]
+                if len(self._hdr) < FRAME_HDR_SIZE:
+                    break
+                if not self._new_frame(out):
+                    out += view
+                    break
+                continue
+            frame = self._frame
+            take = min(frame.size - self._pos, len(view))
+            chunk = bytearray(view[:take])
+            view = view[take:]
+            start = self._pos
+            if self._garbage:
+                chunk = bytearray(self.rng.randbytes(len(chunk)))
+            if self._flip is not None:
+                off, mask = self._flip
+                rel = FRAME_HDR_SIZE + off - start
+                if 0 <= rel < len(chunk):
+                    chunk[rel] ^= mask
+            if self._cut_at is not None and start + len(chunk) >= self._cut_at:
+                out += chunk[:self._cut_at - start]
+                self._pos = self._cut_at
+                self._do_cut(out)
+                return
+            out += chunk
+            self._pos += len(chunk)
+            if self._pos == frame.size:
+                self._end_frame()
+        if self.closed.is_set():
+            return
+        self.frame_bytes += len(out)
+        self._send(self._down, bytes(out))
+
+    def _new_frame(self, out: bytearray) -> bool:
+        """A frame header is whole in ``self._hdr``: record it, apply any
+        armed action to it, and put what is forwarded of it in ``out``.
+        False when the stream is not made of frames after all."""
+        hdr = bytes(self._hdr)
+        self._hdr.clear()
+        magic, typ, seq, length, _pcrc, hcrc = struct.unpack(">IIQQII", hdr)
+        if magic != FRAME_MAGIC or hcrc != crc32c(hdr[:28]):
+            self.error = (f"not a frame header after {self.frame_bytes} bytes "
+                          f"of frames: {hdr.hex()}")
+            self.log.error("%s: %s; forwarding as is", self.name, self.error)
+            self._passthrough = True
+            out += hdr
+            return False
+        frame = Frame(typ, seq, length, self.frame_bytes + len(out),
+                      time.monotonic())
+        self.frames.append(frame)
+        self._frame = frame
+        self._pos = 0
+        self._flip = None
+        self._garbage = False
+        self._cut_at = None
+
+        with self._lock:
+            action = self._action
+            if action is not None and (action.result is not None or
+                                       frame.type != action.frame_type or
+                                       frame.sequence < action.min_sequence):
+                action = None
+        result: dict[str, Any] = {}
+        if action is not None and action.kind == "corrupt" and length > 0:
+            off = self.rng.randrange(length)
+            mask = self.rng.randrange(1, 256)
+            self._flip = (off, mask)
+            result = {"payload_offset": off, "mask": mask}
+        elif action is not None and action.kind == "garbage":
+            self._garbage = True
+            hdr = self.rng.randbytes(FRAME_HDR_SIZE)
+            if hdr[:4] == struct.pack(">I", FRAME_MAGIC):
+                hdr = b"\0" + hdr[1:]
+            result = {"garbage_bytes": frame.size}
+        elif action is not None and action.kind == "cut":
+            if action.cut == "before":
+                self._cut_at = 0
+            elif action.cut == "header":
+                self._cut_at = self.rng.randrange(1, FRAME_HDR_SIZE)
+            elif action.cut == "payload" and length > 0:
+                self._cut_at = FRAME_HDR_SIZE + self.rng.randrange(length)
+            elif action.cut == "after":
+                self._cut_at = frame.size
+            if self._cut_at is not None:
+                result = {"cut_at": self._cut_at, "cut": action.cut,
+                          "rst": action.rst}
+        if result:
+            assert action is not None
+            # The last checkpoint the receiver will have whole.
+            whole = frame.type == CHECKPOINT and (
+                action.kind == "cut" and self._cut_at == frame.size)
+            result.update(kind=action.kind, frame_type=frame.type_name,
+                          sequence=frame.sequence, length=frame.length,
+                          committed=frame.sequence if whole
+                          else self.last_checkpoint,
+                          stream_offset=frame.offset,
+                          frames_before=len(self.frames) - 1)
+            self.log.info("%s: %s on %s %d (%d bytes): %s", self.name,
+                          action.kind, frame.type_name, frame.sequence,
+                          frame.length, result)
+            with self._lock:
+                action.result = result
+            if action.kind != "cut":
+                self.action_done.set()
+        if self._cut_at is not None and self._cut_at <= FRAME_HDR_SIZE:
+            out += hdr[:self._cut_at]
+            self._pos = self._cut_at
+            self._do_cut(out)
+            return True
+        out += hdr
+        self._pos = FRAME_HDR_SIZE
+        if self._pos == frame.size:
+            self._end_frame()
+        return True
+
+    def _end_frame(self) -> None:
+        assert self._frame is not None
+        if (self._frame.type == CHECKPOINT and not self._garbage and
+                self._flip is None):
+            self.last_checkpoint = self._frame.sequence
+        self._frame = None
+        self._pos = 0
+
+    def _do_cut(self, out: bytearray) -> None:
+        """Forward ``out``, then close both sides at once."""
+        assert self._frame is not None and self._action is not None
+        self.frame_bytes += len(out)
+        self._send(self._down, bytes(out))
+        reason = (f"cut after {self._pos} of the {self._frame.size} bytes of "
+                  f"{self._frame.type_name} {self._frame.sequence}")
+        if self._pos == self._frame.size:
+            self._end_frame()
+        self._close_all(reason, rst=self._action.rst)
+        self.action_done.set()
