@@ -26,18 +26,17 @@ import time
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-from curlingtool.guest import GuestError, build_guest  # noqa: E402
-from curlingtool.vm import (VM, WaitTimeout, VMDied, free_tcp_port,  # noqa: E402
+from curlingtool import CurlingError  # noqa: E402
+from curlingtool.vm import (VM, WaitTimeout, VMDied,  # noqa: E402
+                            built_qemu_and_guest, free_tcp_port,
                             guest_args, wait_until)
 
-QEMU = REPO / "build" / "bin" / "qemu-system-x86_64"
 
-
-def launch(name: str, workdir: pathlib.Path, guest, machine: str,
-           incoming: str | None = None) -> VM:
+def launch(qemu: pathlib.Path, name: str, workdir: pathlib.Path, guest,
+           machine: str, incoming: str | None = None) -> VM:
     console = workdir / f"{name}-console.log"
     console.touch()
-    args = guest_args(QEMU, guest, name, accel=os.environ.get("CURLING_ACCEL", "tcg"),
+    args = guest_args(qemu, guest, name, accel=os.environ.get("CURLING_ACCEL", "tcg"),
                       console=console, qmp_path=workdir / f"{name}.qmp",
                       incoming=incoming, machine=machine,
                       append="curling.mode=dirty curling.rate=4")
@@ -63,13 +62,10 @@ def main() -> int:
                         help="curling-interval in ms (default 100)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if not QEMU.is_file():
-        print(f"error: {QEMU} not found: run python3 scripts/build.py first")
-        return 1
     try:
-        guest = build_guest(REPO)
-    except GuestError as exc:
-        print(f"error: no test guest: {exc}")
+        qemu, guest = built_qemu_and_guest(REPO)
+    except CurlingError as exc:
+        print(f"error: {exc}")
         return 1
 
     with tempfile.TemporaryDirectory(prefix="curling-demo-") as tmp:
@@ -77,9 +73,9 @@ def main() -> int:
         uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
         try:
             print(f"1. receiver: qemu ... -incoming {uri}")
-            receiver = launch("receiver", workdir, guest, args.machine, uri)
+            receiver = launch(qemu, "receiver", workdir, guest, args.machine, uri)
             print("2. sender: boots the guest (~10 s under TCG)")
-            sender = launch("sender", workdir, guest, args.machine)
+            sender = launch(qemu, "sender", workdir, guest, args.machine)
             sender.wait_tick(10, timeout=120)
             print(f"3. sender: migrate {uri}  (curling-interval {args.interval} ms)")
             sender.qmp("migrate-set-parameters", max_bandwidth=10 * 1024 ** 3,

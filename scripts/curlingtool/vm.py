@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from .guest import GuestImage
+from . import CurlingError
+from .guest import GuestError, GuestImage, build_guest
 
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 
@@ -384,3 +385,17 @@ def guest_args(qemu: os.PathLike[str] | str, guest: GuestImage, name: str, *,
     if incoming is not None:
         args += ["-incoming", incoming]
     return args
+
+
+def built_qemu_and_guest(repo: pathlib.Path) -> tuple[pathlib.Path, GuestImage]:
+    """build/bin/qemu-system-x86_64 and the test guest of ``repo``.
+
+    Raises CurlingError saying what to run when either is missing.
+    """
+    qemu = repo / "build" / "bin" / "qemu-system-x86_64"
+    if not qemu.is_file():
+        raise CurlingError(f"{qemu} not found: run python3 scripts/build.py first")
+    try:
+        return qemu, build_guest(repo)
+    except GuestError as exc:
+        raise CurlingError(f"no test guest: {exc}") from None

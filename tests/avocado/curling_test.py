@@ -37,9 +37,9 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 from curlingtool.guest import GuestError, GuestImage, build_guest  # noqa: E402
-from curlingtool.vm import (VM, Tick, VMDied, WaitTimeout,  # noqa: E402,F401
-                            free_tcp_port, guest_args, parse_ticks,
-                            wait_until)
+from curlingtool.vm import (VM, Tick, VMDied, WaitTimeout,  # noqa: E402
+                            free_tcp_port, guest_args,
+                            parse_ticks, wait_until)  # noqa: F401
 
 BUILD_DIR = REPO_ROOT / "build"
 DEFAULT_QEMU = BUILD_DIR / "bin" / "qemu-system-x86_64"
@@ -239,6 +239,23 @@ class CurlingTest(avocado.Test):
         return wait_until(done, timeout, f"migration status {sorted(wanted)} "
                                          f"on {vm.name}", 0.2)
 
+    # -- what the guest sees ----------------------------------------------
+
+    def assert_ticks_ok(self, vm: VM, since: int = 0) -> list[Tick]:
+        """Every tick ``vm``'s guest printed (from ``since``) passed its
+        memory self-check; returns them."""
+        ticks = vm.ticks(since)
+        bad = [t.line for t in ticks if not t.ok]
+        self.assertEqual(bad, [], f"memory self-check failed on {vm.name}")
+        return ticks
+
+    def assert_consecutive(self, vm: VM, ticks: list[Tick]) -> None:
+        """``ticks`` go up one by one."""
+        numbers = [t.n for t in ticks]
+        self.assertEqual(numbers,
+                         list(range(numbers[0], numbers[0] + len(numbers))),
+                         f"ticks on {vm.name} do not go up one by one")
+
     # -- Curling helpers ------------------------------------------------
 
     #: max-bandwidth for Curling tests: the default (128 MiB/s) would
@@ -269,6 +286,22 @@ class CurlingTest(avocado.Test):
                                   append=append, extra_args=extra_args,
                                   cpu_affinity={cpus[1]} if pin else None)
         return sender, receiver, uri
+
+    def new_receiver(self, name: str, sender: VM, machine: str = "pc",
+                     append: str = "curling.mode=dirty curling.rate=4",
+                     extra_args: Iterable[str] = ()) -> tuple[VM, str]:
+        """A fresh receiver for ``sender`` (e.g. a failed-over receiver
+        that protects its guest again), on the other host CPU; returns it
+        and its curling: URI."""
+        uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
+        cpus = sorted(os.sched_getaffinity(0))
+        affinity = None
+        if len(cpus) >= 2 and sender.cpu_affinity:
+            affinity = {next(c for c in cpus if c not in sender.cpu_affinity)}
+        receiver = self.launch_vm(name, incoming=uri, machine=machine,
+                                  append=append, extra_args=extra_args,
+                                  cpu_affinity=affinity)
+        return receiver, uri
 
     def protect(self, sender: VM, receiver: VM, uri: str,
                 timeout: float = 120.0, **params: Any) -> None:

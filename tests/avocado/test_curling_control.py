@@ -42,12 +42,8 @@ class CurlingControlBase(CurlingTest):
     def assert_ticking(self, vm: VM, since: int, count: int = 10) -> list[Tick]:
         """``vm``'s guest prints ``count`` more ticks, one by one, all ok."""
         ticks = vm.wait_ticks(count, timeout=60, since=since)
-        numbers = [t.n for t in ticks]
-        self.assertEqual(numbers, list(range(numbers[0],
-                                             numbers[0] + len(numbers))),
-                         f"ticks on {vm.name} do not go up one by one")
-        self.assertEqual([t.line for t in vm.ticks() if not t.ok], [],
-                         f"memory self-check failed on {vm.name}")
+        self.assert_consecutive(vm, ticks)
+        self.assert_ticks_ok(vm)
         return ticks
 
     def wait_curling_status(self, vm: VM, status: str,

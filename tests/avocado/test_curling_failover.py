@@ -19,8 +19,7 @@ import signal
 import time
 from typing import Any
 
-from curling_test import (VM, CurlingTest, Tick, curling_info, free_tcp_port,
-                          wait_until)
+from curling_test import VM, CurlingTest, curling_info, wait_until
 
 #: Seconds from the sender's death to CURLING_FAILOVER on the receiver.
 FAILOVER_DEADLINE = 10.0
@@ -57,23 +56,7 @@ class CurlingFailoverBase(CurlingTest):
 
     APPEND = "curling.mode=dirty curling.rate=4"
 
-    def setUp(self) -> None:
-        super().setUp()
-        self._cpus = sorted(os.sched_getaffinity(0))
-
     # -- helpers --------------------------------------------------------
-
-    def assert_ticks_ok(self, vm: VM, since: int = 0) -> list[Tick]:
-        ticks = vm.ticks(since)
-        bad = [t.line for t in ticks if not t.ok]
-        self.assertEqual(bad, [], f"memory self-check failed on {vm.name}")
-        return ticks
-
-    def assert_consecutive(self, vm: VM, ticks: list[Tick]) -> None:
-        numbers = [t.n for t in ticks]
-        expected = list(range(numbers[0], numbers[0] + len(numbers)))
-        self.assertEqual(numbers, expected,
-                         f"ticks on {vm.name} do not go up one by one")
 
     def sender_final_tick(self, sender: VM) -> tuple[int, bool]:
         """Last complete tick of a dead sender, and whether its console
@@ -82,19 +65,6 @@ class CurlingFailoverBase(CurlingTest):
         ticks = sender.ticks()
         self.assertTrue(ticks, f"{sender.name} never ticked")
         return ticks[-1].n, not text.endswith("\n")
-
-    def new_receiver(self, name: str, sender: VM, machine: str, append: str,
-                     extra_args: tuple[str, ...] = ()) -> tuple[VM, str]:
-        """A fresh receiver for ``sender``, on the other host CPU."""
-        uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
-        affinity = None
-        if len(self._cpus) >= 2 and sender.cpu_affinity:
-            other = [c for c in self._cpus if c not in sender.cpu_affinity]
-            affinity = {other[0]}
-        receiver = self.launch_vm(name, incoming=uri, machine=machine,
-                                  append=append, extra_args=extra_args,
-                                  cpu_affinity=affinity)
-        return receiver, uri
 
     def kill_round(self, sender: VM, receiver: VM, hold: float,
                    label: str = "") -> RoundResult:

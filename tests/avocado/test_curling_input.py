@@ -75,7 +75,6 @@ class CurlingInputBase(CurlingTest):
 
     def setUp(self) -> None:
         super().setUp()
-        self._cpus = sorted(os.sched_getaffinity(0))
         self.proxies: list[CurlingProxy] = []
 
     def tearDown(self) -> None:
@@ -91,18 +90,6 @@ class CurlingInputBase(CurlingTest):
         return proxy.start()
 
     # -- guest checks ----------------------------------------------------
-
-    def assert_ticks_ok(self, vm: VM, since: int = 0) -> list[Tick]:
-        ticks = vm.ticks(since)
-        bad = [t.line for t in ticks if not t.ok]
-        self.assertEqual(bad, [], f"memory self-check failed on {vm.name}")
-        return ticks
-
-    def assert_consecutive(self, vm: VM, ticks: list[Tick]) -> None:
-        numbers = [t.n for t in ticks]
-        self.assertEqual(numbers,
-                         list(range(numbers[0], numbers[0] + len(numbers))),
-                         f"ticks on {vm.name} do not go up one by one")
 
     def assert_still_ticking(self, vm: VM, count: int = 10) -> None:
         """``vm``'s guest prints ``count`` more clean, consecutive ticks."""
@@ -161,17 +148,6 @@ class CurlingInputBase(CurlingTest):
     def no_failover(self, vm: VM) -> bool:
         vm.qmp("query-status")      # collects pending events
         return not any(e["event"] == "CURLING_FAILOVER" for e in vm.events)
-
-    def new_receiver(self, name: str, sender: VM) -> tuple[VM, str]:
-        """A receiver for ``sender`` on the other host CPU."""
-        uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
-        affinity = None
-        if len(self._cpus) >= 2 and sender.cpu_affinity:
-            other = [c for c in self._cpus if c not in sender.cpu_affinity]
-            affinity = {other[0]}
-        vm = self.launch_vm(name, incoming=uri, append=APPEND,
-                            cpu_affinity=affinity)
-        return vm, uri
 
     # -- a spoiled frame: error, no failover, last checkpoint kept ---------
 
@@ -418,7 +394,7 @@ class CurlingInput(CurlingInputBase):
             if rnd < len(plan):
                 sender = receiver
                 receiver, uri = self.new_receiver(f"receiver{rnd + 1}",
-                                                  sender)
+                                                  sender, append=APPEND)
 
     def cut_round(self, sender: VM, receiver: VM, uri: str,
                   step: dict[str, Any], rng: random.Random,

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Benchmark the cost of protection and the failover time.
+
+    .venv/bin/python3 scripts/bench.py            full run (about an hour)
+    .venv/bin/python3 scripts/bench.py --quick    smoke run (a few minutes)
+
+Compares, on this machine, in one run: the guest unprotected, protected by
+Curling, and protected by QEMU's COLO in periodic mode (with and without
+TCP_NODELAY on its socket), over checkpoint intervals and guest workloads.
+Writes raw samples (bench.json), a markdown report (README.md) and plots
+to --out (default docs/benchmarks/). It asserts nothing: read the report.
+See scripts/curlingtool/bench.py for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import pathlib
+import shlex
+import shutil
+import signal
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+from curlingtool import CurlingError  # noqa: E402
+from curlingtool import bench  # noqa: E402
+from curlingtool.vm import built_qemu_and_guest  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="few intervals, workloads and rounds: a smoke run")
+    p.add_argument("--systems", default=None,
+                   help=f"comma-separated, from {','.join(bench.SYSTEMS)}")
+    p.add_argument("--workloads", default=None,
+                   help=f"comma-separated, from {','.join(bench.WORKLOADS)}")
+    p.add_argument("--intervals", default=None,
+                   help="comma-separated checkpoint intervals in ms")
+    p.add_argument("--window", type=float, default=None,
+                   help="seconds measured per point")
+    p.add_argument("--reps", type=int, default=None,
+                   help="Curling repetitions (interleaved with unprotected)")
+    p.add_argument("--failover-rounds", type=int, default=None)
+    p.add_argument("--out", default=str(REPO / "docs" / "benchmarks"))
+    p.add_argument("--accel", default=os.environ.get("CURLING_ACCEL", "tcg"),
+                   help="tcg (default here) or kvm")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.systems = (args.systems or ("curling,colo-nodelay" if quick
+                                     else ",".join(bench.SYSTEMS))).split(",")
+    args.workloads = (args.workloads or ("counter,dirty-10" if quick
+                                         else ",".join(bench.WORKLOADS))).split(",")
+    args.intervals = [int(i) for i in (args.intervals or (
+        "50,200" if quick else ",".join(map(str, bench.INTERVALS)))).split(",")]
+    args.window = args.window or (3.0 if quick else 8.0)
+    args.reps = args.reps or (1 if quick else 3)
+    args.failover_rounds = args.failover_rounds or (3 if quick else 10)
+    for name in args.systems:
+        if name not in bench.SYSTEMS:
+            p.error(f"unknown system {name!r}")
+    for name in args.workloads:
+        if name not in bench.WORKLOADS:
+            p.error(f"unknown workload {name!r}")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        qemu, guest = built_qemu_and_guest(REPO)
+    except CurlingError as exc:
+        print(f"error: {exc}")
+        return 1
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+
+    def progress(line: str) -> None:
+        print(f"[{time.monotonic() - start:6.0f} s] {line}", flush=True)
+
+    workdir = bench.new_workdir()
+    runner = bench.Bench(qemu, guest, workdir, args.accel, args.window, progress)
+    progress("measuring memcpy bandwidth")
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "accel": args.accel, "cpus": len(os.sched_getaffinity(0)),
+        "pin": list(runner.cpus), "mem": bench.MEM,
+        "kernel": guest.kernel_version, "window": args.window,
+        "memcpy_gb_s": bench.memcpy_bandwidth() / 1e9,
+        "command": "scripts/bench.py " + shlex.join(argv),
+        "qemu": str(qemu),
+    }
+    windows: list[bench.Window] = []
+    failover: dict[str, list[float]] = {}
+    try:
+        for system in args.systems:
+            for workload in args.workloads:
+                windows += runner.run(system, workload, args.intervals, args.reps)
+        if "curling" in args.systems:
+            failover["SIGKILL (broken connection)"] = runner.failover(
+                signal.SIGKILL, args.failover_rounds)
+            failover["SIGSTOP (silent, curling-timeout 1000 ms)"] = runner.failover(
+                signal.SIGSTOP, args.failover_rounds)
+    except (CurlingError, AssertionError) as exc:
+        print(f"error: {exc} (QEMU logs kept in {workdir})")
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted (QEMU logs in {workdir})")
+        return 130
+    rows = bench.summarise(windows)
+    bench.write_json(out / "bench.json", meta, windows, failover)
+    plots = bench.plot(out, rows, windows)
+    bench.write_report(out / "README.md", meta, rows, failover, plots)
+    shutil.rmtree(workdir, ignore_errors=True)
+    progress(f"report: {out / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,468 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Measure what protection costs: Curling, unprotected and COLO, one run.
+
+Everything runs on this machine with the QEMU of build/bin and the test
+guest. Two hosts are modelled by pinning the sender (or COLO's primary) to
+one CPU and the receiver (COLO's secondary) to the other.
+
+For each system and workload one sender boots; for each checkpoint
+interval, set live, a window of host time is measured:
+
+* guest throughput: work the guest's counter loop did per host second
+  (from its tick lines), divided by the unprotected throughput of the same
+  workload measured in windows interleaved with the protected ones;
+* guest pause per checkpoint, from the STOP/RESUME QMP events of the
+  sender (both Curling and COLO stop and resume the VM at a checkpoint);
+* checkpoints, their bytes and the bandwidth used (/proc/PID/io of the
+  sender: bytes it wrote);
+* CPU time of each side (/proc/PID/stat) and the receiver's RSS.
+
+Failover time is measured separately: sender killed -> first guest output
+on the receiver, for SIGKILL (broken connection) and SIGSTOP (silence,
+detected after curling-timeout), over chained rounds (the failed-over
+receiver protects the guest again to a new receiver).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import signal
+import statistics
+import tempfile
+import time
+from typing import Any, Callable, Iterable, Optional
+
+from . import CurlingError
+from .guest import GuestImage
+from .vm import VM, free_tcp_port, guest_args, wait_until
+
+log = logging.getLogger(__name__)
+
+INTERVALS = (25, 50, 100, 200, 500)
+WORKLOADS: dict[str, str] = {
+    "counter": "curling.mode=counter",
+    "dirty-1": "curling.mode=dirty curling.rate=1 curling.mb=16",
+    "dirty-10": "curling.mode=dirty curling.rate=10 curling.mb=64",
+    "dirty-100": "curling.mode=dirty curling.rate=100 curling.mb=128",
+    "idle": "curling.mode=idle",
+}
+SYSTEMS = ("curling", "colo", "colo-nodelay")
+#: A pause longer than this is a stall.
+STALL_S = 1.0
+BANDWIDTH = 10 * 1024 ** 3
+MEM = "512M"
+
+
+class BenchError(CurlingError):
+    pass
+
+
+def percentile(values: list[float], q: float) -> Optional[float]:
+    if not values:
+        return None
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def written_bytes(pid: int) -> int:
+    for line in pathlib.Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+def rss_bytes(pid: int) -> int:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def memcpy_bandwidth(size: int = 256 << 20, rounds: int = 5) -> float:
+    """Bytes per second this machine copies memory at (best of rounds)."""
+    src = bytearray(os.urandom(1 << 20)) * (size >> 20)
+    dst = bytearray(size)
+    best = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        dst[:] = src
+        best = max(best, size / (time.perf_counter() - start))
+    return best
+
+
+@dataclasses.dataclass
+class Window:
+    """One measured window of one configuration."""
+
+    system: str             # none, curling, colo, colo-nodelay
+    workload: str
+    interval: Optional[int]
+    seconds: float
+    work_per_s: float
+    pages_per_s: float
+    pauses_ms: list[float]
+    checkpoints: int
+    sender_bytes: int
+    sender_cpu_s: float
+    receiver_cpu_s: Optional[float]
+    receiver_rss: Optional[int]
+    stop_bytes: Optional[float] = None    # mean bytes saved while stopped
+
+
+class Bench:
+    """Runs the measurements; ``progress`` gets one line per step."""
+
+    def __init__(self, qemu: pathlib.Path, guest: GuestImage,
+                 workdir: pathlib.Path, accel: str, window: float,
+                 progress: Callable[[str], None]) -> None:
+        self.qemu = qemu
+        self.guest = guest
+        self.workdir = workdir
+        self.accel = accel
+        self.window = window
+        self.progress = progress
+        cpus = sorted(os.sched_getaffinity(0))
+        self.cpus = (cpus[0], cpus[1 % len(cpus)])
+        self._n = 0
+
+    # -- VMs ---------------------------------------------------------------
+
+    def launch(self, role: str, append: str, incoming: Optional[str] = None,
+               extra: Iterable[str] = ()) -> VM:
+        self._n += 1
+        name = f"{role}-{self._n}"
+        console = self.workdir / f"{name}-console.log"
+        console.touch()
+        qmp = self.workdir / f"{name}.qmp"
+        args = guest_args(self.qemu, self.guest, name, accel=self.accel,
+                          console=console, qmp_path=qmp, incoming=incoming,
+                          mem=MEM, append=append, extra_args=extra)
+        cpu = self.cpus[0] if role in ("sender", "primary") else self.cpus[1]
+        vm = VM(name, args, console, self.workdir / f"{name}-qemu.log", qmp,
+                log, cpu_affinity={cpu})
+        vm.launch()
+        return vm
+
+    @staticmethod
+    def colo_extra(system: str) -> list[str]:
+        if system.startswith("colo"):
+            nodelay = "on" if system == "colo-nodelay" else "off"
+            return ["-global", f"migration.x-colo-nodelay={nodelay}"]
+        return []
+
+    def protect(self, system: str, sender: VM, append: str,
+                interval: int) -> VM:
+        """Start a receiver and protect ``sender``'s guest to it."""
+        port = free_tcp_port()
+        if system == "curling":
+            uri = f"curling:tcp:127.0.0.1:{port}"
+            receiver = self.launch("receiver", append, incoming=uri)
+            sender.qmp("migrate-set-parameters", max_bandwidth=BANDWIDTH,
+                       curling_interval=interval)
+            sender.qmp("migrate", uri=uri)
+            wait_until(lambda: receiver.qmp("query-curling")["status"]
+                       == "protecting", 120, "Curling protection", 0.1)
+            return receiver
+        uri = f"tcp:127.0.0.1:{port}"
+        receiver = self.launch("secondary", append, incoming=uri,
+                               extra=self.colo_extra(system))
+        caps = [{"capability": "x-colo", "state": True}]
+        receiver.qmp("migrate-set-capabilities", capabilities=caps)
+        sender.qmp("migrate-set-capabilities", capabilities=caps)
+        sender.qmp("migrate-set-parameters", max_bandwidth=BANDWIDTH,
+                   x_checkpoint_delay=interval)
+        sender.qmp("migrate", uri=uri)
+        wait_until(lambda: sender.qmp("query-migrate").get("status") == "colo",
+                   120, "COLO protection", 0.1)
+        return receiver
+
+    def set_interval(self, system: str, sender: VM, interval: int) -> None:
+        key = "curling_interval" if system == "curling" else "x_checkpoint_delay"
+        sender.qmp("migrate-set-parameters", **{key: interval})
+
+    # -- one window ----------------------------------------------------------
+
+    def measure(self, system: str, workload: str, interval: Optional[int],
+                sender: VM, receiver: Optional[VM]) -> Window:
+        sender.qmp("query-status")              # drain old events
+        sender.events.clear()
+        first = sender.last_tick()
+        t0 = time.monotonic()
+        cpu0 = cpu_seconds(sender.pid)
+        rcpu0 = cpu_seconds(receiver.pid) if receiver else None
+        wr0 = written_bytes(sender.pid)
+        info0 = (sender.qmp("query-curling") if system == "curling" else None)
+        deadline = t0 + self.window
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            sender.qmp("query-status")          # collects STOP/RESUME events
+        last = sender.last_tick()
+        t1 = time.monotonic()
+        info1 = (sender.qmp("query-curling") if system == "curling" else None)
+        if first is None or last is None or last.n <= first.n:
+            raise BenchError(f"{sender.name}: the guest did not tick")
+        pauses = self._pauses(sender.events)
+        stop_bytes = None
+        if info0 and info1 and info1["checkpoints"] > info0["checkpoints"]:
+            checkpoints = info1["checkpoints"] - info0["checkpoints"]
+        else:
+            checkpoints = len(pauses)
+        return Window(
+            system=system, workload=workload, interval=interval,
+            seconds=t1 - t0,
+            work_per_s=(last.work - first.work) / (t1 - t0),
+            pages_per_s=(last.pages - first.pages) / (t1 - t0),
+            pauses_ms=pauses, checkpoints=checkpoints,
+            sender_bytes=written_bytes(sender.pid) - wr0,
+            sender_cpu_s=cpu_seconds(sender.pid) - cpu0,
+            receiver_cpu_s=(cpu_seconds(receiver.pid) - rcpu0
+                            if receiver and rcpu0 is not None else None),
+            receiver_rss=rss_bytes(receiver.pid) if receiver else None,
+            stop_bytes=stop_bytes)
+
+    @staticmethod
+    def _pauses(events: list[dict[str, Any]]) -> list[float]:
+        pauses, stopped = [], None
+        for ev in events:
+            ts = ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
+            if ev["event"] == "STOP":
+                stopped = ts
+            elif ev["event"] == "RESUME" and stopped is not None:
+                pauses.append((ts - stopped) * 1000)
+                stopped = None
+        return pauses
+
+    # -- a whole system x workload -------------------------------------------
+
+    def run(self, system: str, workload: str, intervals: Iterable[int],
+            reps: int) -> list[Window]:
+        """Unprotected windows interleaved with protected ones.
+
+        Curling: ``reps`` times (unprotected; protect; every interval;
+        migrate_cancel), then unprotected once more. COLO cannot end
+        protection and start it again on the same primary, so it runs one
+        repetition, ended by x-colo-lost-heartbeat on the primary.
+        """
+        append = WORKLOADS[workload]
+        intervals = list(intervals)
+        windows: list[Window] = []
+        colo = system != "curling"
+        sender = self.launch("primary" if colo else "sender", append,
+                             extra=self.colo_extra(system))
+        receiver: Optional[VM] = None
+        try:
+            sender.wait_tick(20, timeout=180)
+            for rep in range(1 if colo else reps):
+                self.progress(f"{system} {workload}: unprotected")
+                windows.append(self.measure("none", workload, None, sender, None))
+                receiver = self.protect(system, sender, append, intervals[0])
+                for interval in intervals:
+                    self.set_interval(system, sender, interval)
+                    time.sleep(1.0)
+                    self.progress(f"{system} {workload}: interval {interval} ms")
+                    windows.append(self.measure(system, workload, interval,
+                                                sender, receiver))
+                if colo:
+                    sender.qmp("x-colo-lost-heartbeat")
+                else:
+                    sender.qmp("migrate_cancel")
+                    wait_until(lambda: sender.qmp("query-curling")["status"]
+                               == "cancelled", 30, "cancel", 0.1)
+                receiver.kill()
+                receiver = None
+                time.sleep(1.0)
+            self.progress(f"{system} {workload}: unprotected")
+            windows.append(self.measure("none", workload, None, sender, None))
+        finally:
+            for vm in (sender, receiver):
+                if vm is not None:
+                    vm.kill()
+        return windows
+
+    # -- failover ------------------------------------------------------------
+
+    def failover(self, sig: int, rounds: int, timeout_ms: int = 1000
+                 ) -> list[float]:
+        """Seconds from signalling the sender to the receiver's first tick."""
+        append = WORKLOADS["dirty-10"]
+        times = []
+        sender = self.launch("sender", append)
+        stopped: list[VM] = []
+        try:
+            sender.wait_tick(20, timeout=180)
+            for n in range(rounds):
+                receiver = self.protect("curling", sender, append, 100)
+                sender.qmp("migrate-set-parameters", curling_timeout=timeout_ms)
+                time.sleep(1.0 + (n % 5) * 0.13)
+                mark = receiver.console_mark()
+                start = time.monotonic()
+                os.kill(sender.pid, sig)
+                receiver.wait_tick(0, timeout=30, since=mark)
+                times.append(time.monotonic() - start)
+                self.progress(f"failover {signal.Signals(sig).name} round "
+                              f"{n + 1}: {times[-1] * 1000:.0f} ms")
+                if sig == signal.SIGSTOP:
+                    stopped.append(sender)
+                else:
+                    sender.kill()
+                sender = receiver
+        finally:
+            for vm in [sender, *stopped]:
+                vm.kill()
+        return times
+
+
+def summarise(windows: list[Window]) -> list[dict[str, Any]]:
+    """One row per (system, workload, interval) with the ratios."""
+    base: dict[str, list[float]] = {}
+    for w in windows:
+        if w.system == "none":
+            base.setdefault(w.workload, []).append(w.work_per_s)
+    rows = []
+    groups: dict[tuple[str, str, int], list[Window]] = {}
+    for w in windows:
+        if w.system != "none" and w.interval is not None:
+            groups.setdefault((w.system, w.workload, w.interval), []).append(w)
+    for (system, workload, interval), ws in sorted(groups.items()):
+        unprot = statistics.median(base.get(workload, [0])) or None
+        ratios = [w.work_per_s / unprot for w in ws] if unprot else []
+        pauses = [p for w in ws for p in w.pauses_ms]
+        secs = sum(w.seconds for w in ws)
+        cps = sum(w.checkpoints for w in ws)
+        rows.append({
+            "system": system, "workload": workload, "interval": interval,
+            "throughput_ratio": statistics.median(ratios) if ratios else None,
+            "throughput_spread": (max(ratios) - min(ratios)) if len(ratios) > 1 else 0,
+            "checkpoints_per_s": cps / secs if secs else 0,
+            "pause_median_ms": percentile(pauses, 0.5),
+            "pause_p99_ms": percentile(pauses, 0.99),
+            "pause_max_ms": max(pauses) if pauses else None,
+            "stalls": sum(1 for p in pauses if p > STALL_S * 1000),
+            "bytes_per_checkpoint": (sum(w.sender_bytes for w in ws) / cps
+                                     if cps else None),
+            "bandwidth_mb_s": sum(w.sender_bytes for w in ws) / secs / 1e6,
+            "sender_cpu": sum(w.sender_cpu_s for w in ws) / secs,
+            "receiver_cpu": (sum(w.receiver_cpu_s or 0 for w in ws) / secs),
+            "receiver_rss_mb": max((w.receiver_rss or 0) for w in ws) / 1e6,
+            "windows": len(ws),
+        })
+    return rows
+
+
+def write_json(path: pathlib.Path, meta: dict[str, Any], windows: list[Window],
+               failover: dict[str, list[float]]) -> None:
+    path.write_text(json.dumps({
+        "meta": meta,
+        "windows": [dataclasses.asdict(w) for w in windows],
+        "failover_s": failover,
+    }, indent=1) + "\n")
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def write_report(path: pathlib.Path, meta: dict[str, Any],
+                 rows: list[dict[str, Any]],
+                 failover: dict[str, list[float]], plots: list[str]) -> None:
+    out = [f"# Curling benchmark ({meta['date']})", "",
+           f"Accelerator: **{meta['accel']}**. Machine: {meta['cpus']} CPUs; "
+           f"sender/primary pinned to CPU {meta['pin'][0]}, receiver/secondary "
+           f"to CPU {meta['pin'][1]}. Guest: {meta['mem']} RAM, -machine pc, "
+           f"{meta['kernel']}. Window {meta['window']} s per point. "
+           f"memcpy bandwidth {meta['memcpy_gb_s']:.2f} GB/s.", "",
+           f"Command: `{meta['command']}`", ""]
+    out += ["## Cost of protection", "",
+            "| system | workload | interval ms | throughput | ckpt/s | pause median ms "
+            "| p99 | max | stalls | MB/ckpt | MB/s | sender CPU | receiver CPU "
+            "| receiver RSS MB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(
+            f"| {r['system']} | {r['workload']} | {r['interval']} "
+            f"| {_fmt(r['throughput_ratio'], '.1%')} | {r['checkpoints_per_s']:.1f} "
+            f"| {_fmt(r['pause_median_ms'])} | {_fmt(r['pause_p99_ms'])} "
+            f"| {_fmt(r['pause_max_ms'])} | {r['stalls']} "
+            f"| {_fmt(r['bytes_per_checkpoint'] and r['bytes_per_checkpoint'] / 1e6, '.3f')} "
+            f"| {r['bandwidth_mb_s']:.1f} | {r['sender_cpu']:.0%} "
+            f"| {r['receiver_cpu']:.0%} | {r['receiver_rss_mb']:.0f} |")
+    out += ["", "Throughput is the guest's work per host second, protected "
+            "divided by unprotected (median of the windows). CPU is the share "
+            "of one host CPU each QEMU used. COLO's secondary runs the guest "
+            "too, so its CPU includes guest execution.", ""]
+    if failover:
+        out += ["## Failover time", "",
+                "| sender | rounds | median ms | min | max |", "|---|---:|---:|---:|---:|"]
+        for kind, times in failover.items():
+            ms = [t * 1000 for t in times]
+            out.append(f"| {kind} | {len(ms)} | {statistics.median(ms):.0f} "
+                       f"| {min(ms):.0f} | {max(ms):.0f} |")
+        out.append("")
+    for plot in plots:
+        out += [f"![{plot}]({plot})", ""]
+    path.write_text("\n".join(out) + "\n")
+
+
+def plot(outdir: pathlib.Path, rows: list[dict[str, Any]],
+         windows: list[Window]) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    workloads = sorted({r["workload"] for r in rows})
+    systems = sorted({r["system"] for r in rows})
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4 * len(workloads), 3.5),
+                             squeeze=False)
+    for ax, wl in zip(axes[0], workloads):
+        for system in systems:
+            pts = sorted((r["interval"], r["throughput_ratio"]) for r in rows
+                         if r["workload"] == wl and r["system"] == system
+                         and r["throughput_ratio"] is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=system)
+        ax.set_xscale("log")
+        ax.set_title(wl)
+        ax.set_xlabel("checkpoint interval (ms)")
+        ax.set_ylabel("throughput vs unprotected")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(outdir / "overhead.png", dpi=90)
+    plt.close(fig)
+    names.append("overhead.png")
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    labels, data = [], []
+    for w_sys in systems:
+        for interval in sorted({w.interval for w in windows if w.system == w_sys}):
+            pauses = [p for w in windows if w.system == w_sys
+                      and w.interval == interval for p in w.pauses_ms]
+            if pauses:
+                labels.append(f"{w_sys}\n{interval}")
+                data.append(pauses)
+    if data:
+        ax.boxplot(data, showfliers=True)
+        ax.set_xticks(range(1, len(labels) + 1), labels, fontsize="x-small")
+        ax.set_yscale("log")
+        ax.set_ylabel("guest pause per checkpoint (ms)")
+        fig.tight_layout()
+        fig.savefig(outdir / "pauses.png", dpi=90)
+        names.append("pauses.png")
+    plt.close(fig)
+    return names
+
+
+def new_workdir() -> pathlib.Path:
+    return pathlib.Path(tempfile.mkdtemp(prefix="curling-bench-"))
