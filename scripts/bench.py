@@ -116,7 +116,7 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"interrupted (QEMU logs in {workdir})")
         return 130
-    rows = bench.summarise(windows)
+    rows = bench.summarise(windows, meta["memcpy_gb_s"] * 1e9)
     bench.write_json(out / "bench.json", meta, windows, failover)
     plots = bench.plot(out, rows, windows)
     bench.write_report(out / "README.md", meta, rows, failover, plots)

@@ -30,8 +30,10 @@ import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import statistics
+import subprocess
 import tempfile
 import time
 from typing import Any, Callable, Iterable, Optional
@@ -75,11 +77,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def written_bytes(pid: int) -> int:
-    for line in pathlib.Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("wchar:"):
-            return int(line.split()[1])
-    return 0
+def tcp_bytes_sent(port: Optional[int]) -> int:
+    """Bytes sent so far on the established TCP connections to 127.0.0.1
+    port ``port`` (the sender's side of a protection), per ss(8)."""
+    if port is None:
+        return 0
+    try:
+        out = subprocess.run(["ss", "-tinH", "state", "established",
+                              f"( dport = :{port} )"], capture_output=True,
+                             text=True, check=False).stdout
+    except FileNotFoundError:
+        return 0
+    return sum(int(n) for n in re.findall(r"\bbytes_sent:(\d+)", out))
 
 
 def rss_bytes(pid: int) -> int:
@@ -113,11 +122,10 @@ class Window:
     pages_per_s: float
     pauses_ms: list[float]
     checkpoints: int
-    sender_bytes: int
+    sender_bytes: int       # TCP bytes the sender sent to the receiver
     sender_cpu_s: float
     receiver_cpu_s: Optional[float]
     receiver_rss: Optional[int]
-    stop_bytes: Optional[float] = None    # mean bytes saved while stopped
 
 
 class Bench:
@@ -135,6 +143,7 @@ class Bench:
         cpus = sorted(os.sched_getaffinity(0))
         self.cpus = (cpus[0], cpus[1 % len(cpus)])
         self._n = 0
+        self.port: Optional[int] = None     # of the current protection
 
     # -- VMs ---------------------------------------------------------------
 
@@ -164,7 +173,7 @@ class Bench:
     def protect(self, system: str, sender: VM, append: str,
                 interval: int) -> VM:
         """Start a receiver and protect ``sender``'s guest to it."""
-        port = free_tcp_port()
+        port = self.port = free_tcp_port()
         if system == "curling":
             uri = f"curling:tcp:127.0.0.1:{port}"
             receiver = self.launch("receiver", append, incoming=uri)
@@ -201,7 +210,8 @@ class Bench:
         t0 = time.monotonic()
         cpu0 = cpu_seconds(sender.pid)
         rcpu0 = cpu_seconds(receiver.pid) if receiver else None
-        wr0 = written_bytes(sender.pid)
+        port = self.port if receiver else None
+        wr0 = tcp_bytes_sent(port)
         info0 = (sender.qmp("query-curling") if system == "curling" else None)
         deadline = t0 + self.window
         while time.monotonic() < deadline:
@@ -213,7 +223,6 @@ class Bench:
         if first is None or last is None or last.n <= first.n:
             raise BenchError(f"{sender.name}: the guest did not tick")
         pauses = self._pauses(sender.events)
-        stop_bytes = None
         if info0 and info1 and info1["checkpoints"] > info0["checkpoints"]:
             checkpoints = info1["checkpoints"] - info0["checkpoints"]
         else:
@@ -224,12 +233,11 @@ class Bench:
             work_per_s=(last.work - first.work) / (t1 - t0),
             pages_per_s=(last.pages - first.pages) / (t1 - t0),
             pauses_ms=pauses, checkpoints=checkpoints,
-            sender_bytes=written_bytes(sender.pid) - wr0,
+            sender_bytes=tcp_bytes_sent(port) - wr0,
             sender_cpu_s=cpu_seconds(sender.pid) - cpu0,
             receiver_cpu_s=(cpu_seconds(receiver.pid) - rcpu0
                             if receiver and rcpu0 is not None else None),
-            receiver_rss=rss_bytes(receiver.pid) if receiver else None,
-            stop_bytes=stop_bytes)
+            receiver_rss=rss_bytes(receiver.pid) if receiver else None)
 
     @staticmethod
     def _pauses(events: list[dict[str, Any]]) -> list[float]:
@@ -308,7 +316,8 @@ class Bench:
                 mark = receiver.console_mark()
                 start = time.monotonic()
                 os.kill(sender.pid, sig)
-                receiver.wait_tick(0, timeout=30, since=mark)
+                wait_until(lambda: receiver.ticks(mark), 30,
+                           f"{receiver.name}'s first tick", 0.002)
                 times.append(time.monotonic() - start)
                 self.progress(f"failover {signal.Signals(sig).name} round "
                               f"{n + 1}: {times[-1] * 1000:.0f} ms")
@@ -323,8 +332,13 @@ class Bench:
         return times
 
 
-def summarise(windows: list[Window]) -> list[dict[str, Any]]:
-    """One row per (system, workload, interval) with the ratios."""
+def summarise(windows: list[Window], memcpy_bw: float = 0.0
+              ) -> list[dict[str, Any]]:
+    """One row per (system, workload, interval) with the ratios.
+
+    ``memcpy_bw`` (bytes/s) gives the physical bound of a pause: copying
+    a whole checkpoint at memory speed (an upper bound of what is copied
+    while the guest is stopped, so the ratio errs on the low side)."""
     base: dict[str, list[float]] = {}
     for w in windows:
         if w.system == "none":
@@ -351,12 +365,18 @@ def summarise(windows: list[Window]) -> list[dict[str, Any]]:
             "stalls": sum(1 for p in pauses if p > STALL_S * 1000),
             "bytes_per_checkpoint": (sum(w.sender_bytes for w in ws) / cps
                                      if cps else None),
+            "bound_ms": (sum(w.sender_bytes for w in ws) / cps / memcpy_bw * 1000
+                         if cps and memcpy_bw else None),
             "bandwidth_mb_s": sum(w.sender_bytes for w in ws) / secs / 1e6,
             "sender_cpu": sum(w.sender_cpu_s for w in ws) / secs,
             "receiver_cpu": (sum(w.receiver_cpu_s or 0 for w in ws) / secs),
             "receiver_rss_mb": max((w.receiver_rss or 0) for w in ws) / 1e6,
             "windows": len(ws),
         })
+        row = rows[-1]
+        row["pause_vs_bound"] = (row["pause_median_ms"] / row["bound_ms"]
+                                 if row["bound_ms"] and row["pause_median_ms"]
+                                 else None)
     return rows
 
 
@@ -385,9 +405,9 @@ def write_report(path: pathlib.Path, meta: dict[str, Any],
            f"Command: `{meta['command']}`", ""]
     out += ["## Cost of protection", "",
             "| system | workload | interval ms | throughput | ckpt/s | pause median ms "
-            "| p99 | max | stalls | MB/ckpt | MB/s | sender CPU | receiver CPU "
-            "| receiver RSS MB |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| p99 | max | stalls | MB/ckpt | bound ms | pause/bound | MB/s "
+            "| sender CPU | receiver CPU | receiver RSS MB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(
             f"| {r['system']} | {r['workload']} | {r['interval']} "
@@ -395,6 +415,7 @@ def write_report(path: pathlib.Path, meta: dict[str, Any],
             f"| {_fmt(r['pause_median_ms'])} | {_fmt(r['pause_p99_ms'])} "
             f"| {_fmt(r['pause_max_ms'])} | {r['stalls']} "
             f"| {_fmt(r['bytes_per_checkpoint'] and r['bytes_per_checkpoint'] / 1e6, '.3f')} "
+            f"| {_fmt(r['bound_ms'], '.3f')} | {_fmt(r['pause_vs_bound'], '.0f')} "
             f"| {r['bandwidth_mb_s']:.1f} | {r['sender_cpu']:.0%} "
             f"| {r['receiver_cpu']:.0%} | {r['receiver_rss_mb']:.0f} |")
     out += ["", "Throughput is the guest's work per host second, protected "
