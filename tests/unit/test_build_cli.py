@@ -61,6 +61,9 @@ def test_guest_builder_missing_is_clear(build: ModuleType, monkeypatch: pytest.M
                                         caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(build, "ensure_venv", lambda argv: None)
     monkeypatch.setitem(sys.modules, "curlingtool.guest", None)
+    # an earlier import of curlingtool.guest leaves it on the package too
+    import curlingtool
+    monkeypatch.delattr(curlingtool, "guest", raising=False)
     assert build.main(["guest"]) == 1
     (line,) = errors(caplog)
     assert line.startswith("test guest builder unavailable (scripts/curlingtool/guest.py)")
