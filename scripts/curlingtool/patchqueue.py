@@ -620,9 +620,11 @@ class PatchQueue:
         final = repo.head.target
         try:
             for commit in commits:
-                repo.checkout_tree(commit.tree, strategy=CheckoutStrategy.SAFE)
-                repo.set_head(commit.id)
-                yield commit
+                # objects of another Repository instance are refused
+                own = repo[commit.id].peel(pygit2.Commit)
+                repo.checkout_tree(own.tree, strategy=CheckoutStrategy.SAFE)
+                repo.set_head(own.id)
+                yield own
         finally:
             repo.checkout_tree(repo[final].peel(pygit2.Commit).tree,
                                strategy=CheckoutStrategy.SAFE)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -259,3 +260,25 @@ def test_import_ignores_foreign_owners(tmp_path: Path,
     st = (tmp_path / "qemu" / "VERSION").stat()
     assert st.st_uid == os.getuid()
     assert TOP not in os.listdir(tmp_path / "qemu")
+
+
+def test_bisect_steps_visit_each_patch_and_return_to_the_branch(
+        tmp_path: Path, two_patches: Path,
+        upstream_source: source.Source) -> None:
+    tree = tmp_path / "qemu"
+    queue = PatchQueue(two_patches, tree)
+    queue.apply(upstream_source)
+    _repo, _upstream, commits = queue.commits()
+    head_before = pygit2.Repository(str(tree)).head.target
+    seen = []
+    with contextlib.closing(queue.bisect_steps(commits)) as steps:
+        for commit in steps:
+            repo = pygit2.Repository(str(tree))
+            assert repo.head_is_detached and repo.head.target == commit.id
+            seen.append((commit.id, b"ram40" in (tree / "migration/ram.c").read_bytes()))
+    assert [c for c, _ in seen] == [c.id for c in commits]
+    # the second patch's change is in the tree only at the second step
+    assert [second for _, second in seen] == [False, True]
+    repo = pygit2.Repository(str(tree))
+    assert not repo.head_is_detached and repo.head.target == head_before
+    assert not repo.status()
