@@ -175,7 +175,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_check(args: argparse.Namespace) -> None:
     from curlingtool import CurlingError
-    from curlingtool.patchqueue import read_series
+    from curlingtool.patchqueue import bisect_build_points, read_series
     from curlingtool.qemubuild import BuildError
     queue = _queue()
     queue.require_state()
@@ -200,9 +200,16 @@ def cmd_check(args: argparse.Namespace) -> None:
         qb = _qemu_build()
         qb.configure(_source_kind())
         _repo, _upstream, commits = queue.commits()
+        points = bisect_build_points(read_series(PATCHES), _source_kind())
+        if len(points) != len(commits):     # not exported yet: build each
+            points = [True] * len(commits)
         with contextlib.closing(queue.bisect_steps(commits)) as steps:
-            for commit in steps:
+            for commit, point in zip(steps, points):
                 subject = commit.message.splitlines()[0]
+                if not point:
+                    log.info("==> bisect: %s %s (not built: its source kind's "
+                             "fix-ups build together)", str(commit.id)[:12], subject)
+                    continue
                 log.info("==> bisect: %s %s", str(commit.id)[:12], subject)
                 try:
                     qb.build(njobs=args.jobs)

@@ -5,16 +5,21 @@ Everything runs on this machine with the QEMU of build/bin and the test
 guest. Two hosts are modelled by pinning the sender (or COLO's primary) to
 one CPU and the receiver (COLO's secondary) to the other.
 
-For each system and workload one sender boots; for each checkpoint
-interval, set live, a window of host time is measured:
+For each system and workload one sender boots, and windows of host time
+are measured on it, protected and unprotected in turn:
 
 * guest throughput: work the guest's counter loop did per host second
-  (from its tick lines), divided by the unprotected throughput of the same
-  workload measured in windows interleaved with the protected ones;
+  (from its tick lines), divided by the unprotected throughput of the
+  same guest in the windows just before and after (this machine's speed
+  drifts by several per cent over minutes, so only neighbours compare);
+  Curling is protected and unprotected again for every window (ABAB), COLO
+  cannot be, so its windows of all intervals sit between two unprotected
+  ones;
 * guest pause per checkpoint, from the STOP/RESUME QMP events of the
-  sender (both Curling and COLO stop and resume the VM at a checkpoint);
-* checkpoints, their bytes and the bandwidth used (/proc/PID/io of the
-  sender: bytes it wrote);
+  sender (both Curling and COLO stop and resume the VM at a checkpoint),
+  and for Curling where it goes, from trace event curling_stop_phase;
+* checkpoints, their bytes and the bandwidth used (TCP bytes the sender
+  sent, per ss(8));
 * CPU time of each side (/proc/PID/stat) and the receiver's RSS.
 
 Failover time is measured separately: sender killed -> first guest output
@@ -57,6 +62,24 @@ SYSTEMS = ("curling", "colo", "colo-nodelay")
 STALL_S = 1.0
 BANDWIDTH = 10 * 1024 ** 3
 MEM = "512M"
+
+
+SYSTEM_NOTES = {
+    "curling": "this series: live pre-copy of the dirty pages into a local "
+    "buffer, a short stop to copy the rest and the devices, resume, then "
+    "send the frame and wait for the receiver's acknowledgement while the "
+    "guest runs. The receiver only buffers and loads; it does not run the "
+    "guest.",
+    "colo": "QEMU's in-tree COLO in periodic mode (x-checkpoint-delay = the "
+    "interval), -machine pc, with the series' BQL fix (patch 0008: as shipped "
+    "it aborts at its first checkpoint under TCG) and its main socket as "
+    "shipped, without TCP_NODELAY (-global migration.x-colo-nodelay=off): "
+    "every checkpoint's request/reply exchange waits for delayed ACKs. The "
+    "guest stays stopped while COLO sends the whole checkpoint and the "
+    "secondary loads it; the secondary runs the guest.",
+    "colo-nodelay": "the same COLO with TCP_NODELAY on its socket (patch "
+    "0009), the fair comparison for the pause.",
+}
 
 
 class BenchError(CurlingError):
@@ -126,6 +149,35 @@ class Window:
     sender_cpu_s: float
     receiver_cpu_s: Optional[float]
     receiver_rss: Optional[int]
+    #: unprotected work_per_s of the neighbouring windows (protected only)
+    baseline_work_per_s: Optional[float] = None
+    #: Curling: (stop, RAM, devices, start) microseconds and bytes saved
+    #: with the VM stopped, per checkpoint (trace event curling_stop_phase)
+    stop_phases: list[tuple[int, int, int, int, int]] = dataclasses.field(
+        default_factory=list)
+
+
+STOP_PHASE_RE = re.compile(r"curling_stop_phase VM stopped: stop (\d+) us, "
+                           r"RAM (\d+) us, devices (\d+) us, start (\d+) us; "
+                           r"(\d+) bytes")
+
+
+def stop_phases(log_text: str) -> list[tuple[int, int, int, int, int]]:
+    return [tuple(int(g) for g in m.groups())      # type: ignore[misc]
+            for m in STOP_PHASE_RE.finditer(log_text)]
+
+
+def set_baselines(seq: list[Window]) -> None:
+    """Give each protected window of the chronological ``seq`` the mean
+    unprotected throughput of the nearest unprotected window before it and
+    the nearest after it (or the one that exists)."""
+    for i, w in enumerate(seq):
+        if w.system == "none":
+            continue
+        before = next((u for u in reversed(seq[:i]) if u.system == "none"), None)
+        after = next((u for u in seq[i + 1:] if u.system == "none"), None)
+        near = [u.work_per_s for u in (before, after) if u is not None]
+        w.baseline_work_per_s = statistics.mean(near) if near else None
 
 
 class Bench:
@@ -144,6 +196,22 @@ class Bench:
         self.cpus = (cpus[0], cpus[1 % len(cpus)])
         self._n = 0
         self.port: Optional[int] = None     # of the current protection
+        self.steps = 0                      # windows and failover rounds
+        self.done = 0
+
+    @staticmethod
+    def count_steps(systems: Iterable[str], workloads: Iterable[str],
+                    intervals: int, reps: int, rounds: int) -> int:
+        """Windows and failover rounds a run will measure, for progress."""
+        systems = list(systems)
+        per_workload = sum(1 + 2 * reps * intervals if s == "curling"
+                           else intervals + 2 for s in systems)
+        return (per_workload * len(list(workloads))
+                + (2 * rounds if "curling" in systems else 0))
+
+    def step(self, line: str) -> None:
+        self.done += 1
+        self.progress(f"[{self.done}/{self.steps}] {line}")
 
     # -- VMs ---------------------------------------------------------------
 
@@ -213,6 +281,7 @@ class Bench:
         port = self.port if receiver else None
         wr0 = tcp_bytes_sent(port)
         info0 = (sender.qmp("query-curling") if system == "curling" else None)
+        log_pos = sender.qemu_log_path.stat().st_size
         deadline = t0 + self.window
         while time.monotonic() < deadline:
             time.sleep(0.2)
@@ -223,6 +292,9 @@ class Bench:
         if first is None or last is None or last.n <= first.n:
             raise BenchError(f"{sender.name}: the guest did not tick")
         pauses = self._pauses(sender.events)
+        with sender.qemu_log_path.open("rb") as f:
+            f.seek(log_pos)
+            phases = stop_phases(f.read().decode(errors="replace"))
         if info0 and info1 and info1["checkpoints"] > info0["checkpoints"]:
             checkpoints = info1["checkpoints"] - info0["checkpoints"]
         else:
@@ -237,7 +309,8 @@ class Bench:
             sender_cpu_s=cpu_seconds(sender.pid) - cpu0,
             receiver_cpu_s=(cpu_seconds(receiver.pid) - rcpu0
                             if receiver and rcpu0 is not None else None),
-            receiver_rss=rss_bytes(receiver.pid) if receiver else None)
+            receiver_rss=rss_bytes(receiver.pid) if receiver else None,
+            stop_phases=phases)
 
     @staticmethod
     def _pauses(events: list[dict[str, Any]]) -> list[float]:
@@ -255,48 +328,66 @@ class Bench:
 
     def run(self, system: str, workload: str, intervals: Iterable[int],
             reps: int) -> list[Window]:
-        """Unprotected windows interleaved with protected ones.
+        """Protected windows with unprotected ones around them, in time order.
 
-        Curling: ``reps`` times (unprotected; protect; every interval;
-        migrate_cancel), then unprotected once more. COLO cannot end
-        protection and start it again on the same primary, so it runs one
-        repetition, ended by x-colo-lost-heartbeat on the primary.
+        Curling: ``reps`` times, for every interval: protect, measure,
+        migrate_cancel, measure unprotected (after one unprotected window
+        to begin with). COLO cannot end protection and start it again on
+        the same primary: one unprotected window, protect, every interval,
+        x-colo-lost-heartbeat, one unprotected window.
         """
         append = WORKLOADS[workload]
         intervals = list(intervals)
-        windows: list[Window] = []
+        seq: list[Window] = []
         colo = system != "curling"
+        extra = (self.colo_extra(system) if colo
+                 else ["-trace", "curling_stop_phase"])
         sender = self.launch("primary" if colo else "sender", append,
-                             extra=self.colo_extra(system))
+                             extra=extra)
         receiver: Optional[VM] = None
+
+        def window(kind: str, interval: Optional[int], what: str) -> None:
+            seq.append(self.measure(kind, workload, interval, sender, receiver))
+            w = seq[-1]
+            ratio = ""
+            if kind != "none" and seq[-2].work_per_s:
+                ratio = f", {w.work_per_s / seq[-2].work_per_s:.1%} of the last unprotected"
+            self.step(f"{system} {workload}: {what}{ratio}")
+
         try:
             sender.wait_tick(20, timeout=180)
-            for rep in range(1 if colo else reps):
-                self.progress(f"{system} {workload}: unprotected")
-                windows.append(self.measure("none", workload, None, sender, None))
+            window("none", None, "unprotected")
+            if colo:
                 receiver = self.protect(system, sender, append, intervals[0])
                 for interval in intervals:
                     self.set_interval(system, sender, interval)
                     time.sleep(1.0)
-                    self.progress(f"{system} {workload}: interval {interval} ms")
-                    windows.append(self.measure(system, workload, interval,
-                                                sender, receiver))
-                if colo:
-                    sender.qmp("x-colo-lost-heartbeat")
-                else:
-                    sender.qmp("migrate_cancel")
-                    wait_until(lambda: sender.qmp("query-curling")["status"]
-                               == "cancelled", 30, "cancel", 0.1)
+                    window(system, interval, f"interval {interval} ms")
+                sender.qmp("x-colo-lost-heartbeat")
                 receiver.kill()
                 receiver = None
                 time.sleep(1.0)
-            self.progress(f"{system} {workload}: unprotected")
-            windows.append(self.measure("none", workload, None, sender, None))
+                window("none", None, "unprotected")
+            else:
+                for rep in range(reps):
+                    for interval in intervals:
+                        receiver = self.protect(system, sender, append, interval)
+                        time.sleep(1.0)
+                        window(system, interval, f"interval {interval} ms "
+                               f"(repetition {rep + 1}/{reps})")
+                        sender.qmp("migrate_cancel")
+                        wait_until(lambda: sender.qmp("query-curling")["status"]
+                                   == "cancelled", 30, "cancel", 0.1)
+                        receiver.kill()
+                        receiver = None
+                        time.sleep(0.5)
+                        window("none", None, "unprotected")
         finally:
             for vm in (sender, receiver):
                 if vm is not None:
                     vm.kill()
-        return windows
+        set_baselines(seq)
+        return seq
 
     # -- failover ------------------------------------------------------------
 
@@ -319,8 +410,8 @@ class Bench:
                 wait_until(lambda: receiver.ticks(mark), 30,
                            f"{receiver.name}'s first tick", 0.002)
                 times.append(time.monotonic() - start)
-                self.progress(f"failover {signal.Signals(sig).name} round "
-                              f"{n + 1}: {times[-1] * 1000:.0f} ms")
+                self.step(f"failover {signal.Signals(sig).name} round "
+                          f"{n + 1}: {times[-1] * 1000:.0f} ms")
                 if sig == signal.SIGSTOP:
                     stopped.append(sender)
                 else:
@@ -336,9 +427,13 @@ def summarise(windows: list[Window], memcpy_bw: float = 0.0
               ) -> list[dict[str, Any]]:
     """One row per (system, workload, interval) with the ratios.
 
-    ``memcpy_bw`` (bytes/s) gives the physical bound of a pause: copying
-    a whole checkpoint at memory speed (an upper bound of what is copied
-    while the guest is stopped, so the ratio errs on the low side)."""
+    Throughput: each protected window against its own unprotected
+    neighbours (Window.baseline_work_per_s), or else the median of all
+    unprotected windows of the workload. ``memcpy_bw`` (bytes/s) gives the
+    physical bound of a pause: the bytes saved while the guest is stopped
+    copied at memory speed. For Curling these bytes come from its trace
+    (``stop_phases``); COLO sends a whole checkpoint with the guest
+    stopped, so for COLO they are the checkpoint's bytes on the wire."""
     base: dict[str, list[float]] = {}
     for w in windows:
         if w.system == "none":
@@ -349,41 +444,58 @@ def summarise(windows: list[Window], memcpy_bw: float = 0.0
         if w.system != "none" and w.interval is not None:
             groups.setdefault((w.system, w.workload, w.interval), []).append(w)
     for (system, workload, interval), ws in sorted(groups.items()):
-        unprot = statistics.median(base.get(workload, [0])) or None
-        ratios = [w.work_per_s / unprot for w in ws] if unprot else []
+        fallback = statistics.median(base.get(workload, [0])) or None
+        ratios = []
+        for w in ws:
+            ref = w.baseline_work_per_s or fallback
+            if ref:
+                ratios.append(w.work_per_s / ref)
         pauses = [p for w in ws for p in w.pauses_ms]
+        phases = [ph for w in ws for ph in w.stop_phases]
         secs = sum(w.seconds for w in ws)
         cps = sum(w.checkpoints for w in ws)
-        rows.append({
+        wire = sum(w.sender_bytes for w in ws)
+        row = {
             "system": system, "workload": workload, "interval": interval,
             "throughput_ratio": statistics.median(ratios) if ratios else None,
+            "throughput_min": min(ratios) if ratios else None,
+            "throughput_max": max(ratios) if ratios else None,
             "throughput_spread": (max(ratios) - min(ratios)) if len(ratios) > 1 else 0,
             "checkpoints_per_s": cps / secs if secs else 0,
             "pause_median_ms": percentile(pauses, 0.5),
             "pause_p99_ms": percentile(pauses, 0.99),
             "pause_max_ms": max(pauses) if pauses else None,
             "stalls": sum(1 for p in pauses if p > STALL_S * 1000),
-            "bytes_per_checkpoint": (sum(w.sender_bytes for w in ws) / cps
-                                     if cps else None),
-            "bound_ms": (sum(w.sender_bytes for w in ws) / cps / memcpy_bw * 1000
-                         if cps and memcpy_bw else None),
-            "bandwidth_mb_s": sum(w.sender_bytes for w in ws) / secs / 1e6,
-            "sender_cpu": sum(w.sender_cpu_s for w in ws) / secs,
-            "receiver_cpu": (sum(w.receiver_cpu_s or 0 for w in ws) / secs),
+            "bytes_per_checkpoint": wire / cps if cps else None,
+            "bandwidth_mb_s": wire / secs / 1e6 if secs else 0,
+            "sender_cpu": sum(w.sender_cpu_s for w in ws) / secs if secs else 0,
+            "receiver_cpu": (sum(w.receiver_cpu_s or 0 for w in ws) / secs
+                             if secs else 0),
             "receiver_rss_mb": max((w.receiver_rss or 0) for w in ws) / 1e6,
             "windows": len(ws),
-        })
-        row = rows[-1]
+        }
+        if phases:
+            row["stop_bytes"] = percentile([float(ph[4]) for ph in phases], 0.5)
+            for i, name in enumerate(("stop", "ram", "devices", "start")):
+                row[f"phase_{name}_us"] = percentile([float(ph[i]) for ph in phases], 0.5)
+        elif system != "curling":
+            row["stop_bytes"] = row["bytes_per_checkpoint"]
+        stop_bytes = row.get("stop_bytes")
+        row["bound_ms"] = (stop_bytes / memcpy_bw * 1000
+                           if stop_bytes is not None and memcpy_bw else None)
         row["pause_vs_bound"] = (row["pause_median_ms"] / row["bound_ms"]
                                  if row["bound_ms"] and row["pause_median_ms"]
                                  else None)
+        rows.append(row)
     return rows
 
 
 def write_json(path: pathlib.Path, meta: dict[str, Any], windows: list[Window],
-               failover: dict[str, list[float]]) -> None:
+               failover: dict[str, list[float]],
+               targets: Optional[list[dict[str, str]]] = None) -> None:
     path.write_text(json.dumps({
         "meta": meta,
+        "targets": targets or [],
         "windows": [dataclasses.asdict(w) for w in windows],
         "failover_s": failover,
     }, indent=1) + "\n")
@@ -393,43 +505,159 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def mem_bytes(mem: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(mem[:-1]) * units[mem[-1]] if mem[-1] in units else int(mem)
+
+
+def check_targets(rows: list[dict[str, Any]], failover: dict[str, list[float]],
+                  mem: str, timeout_ms: int = 1000) -> list[dict[str, str]]:
+    """The targets of the benchmark, each met, missed or not measured."""
+    out: list[dict[str, str]] = []
+
+    def add(target: str, ok: Optional[bool], detail: str) -> None:
+        out.append({"target": target, "detail": detail,
+                    "verdict": "not measured" if ok is None
+                    else "met" if ok else "**missed**"})
+
+    def row(system: str, workload: str, interval: int) -> Optional[dict[str, Any]]:
+        return next((r for r in rows if (r["system"], r["workload"], r["interval"])
+                     == (system, workload, interval)), None)
+
+    curling = [r for r in rows if r["system"] == "curling"]
+    for interval, goal in ((100, 0.95), (25, 0.80)):
+        for wl in ("counter", "dirty-10"):
+            r = row("curling", wl, interval)
+            t = r and r["throughput_ratio"]
+            add(f"throughput >= {goal:.0%} at {interval} ms, {wl}",
+                None if t is None else t >= goal,
+                "-" if t is None else
+                f"{t:.1%} (windows {r['throughput_min']:.1%}..{r['throughput_max']:.1%})")
+    pairs = []
+    for r in curling:
+        c = row("colo-nodelay", r["workload"], r["interval"])
+        if c and c["pause_median_ms"] and r["pause_median_ms"]:
+            pairs.append((r["pause_median_ms"] / c["pause_median_ms"], r, c))
+    if pairs:
+        worst = max(pairs, key=lambda p: p[0])
+        add("median pause below COLO's (with TCP_NODELAY) at every interval",
+            all(p[0] < 1 for p in pairs),
+            f"{len(pairs)} points; closest: {worst[1]['workload']} "
+            f"{worst[1]['interval']} ms, {worst[1]['pause_median_ms']:.2f} vs "
+            f"{worst[2]['pause_median_ms']:.2f} ms")
+    else:
+        add("median pause below COLO's (with TCP_NODELAY) at every interval",
+            None, "no COLO-nodelay rows")
+    bounds = [r["pause_vs_bound"] for r in curling if r["pause_vs_bound"]]
+    add("median pause within 3x of the physical bound",
+        None if not bounds else max(bounds) <= 3,
+        "-" if not bounds else f"{min(bounds):.0f}x to {max(bounds):.0f}x")
+    stalls = sum(r["stalls"] for r in curling)
+    worst_pause = max((r["pause_max_ms"] or 0 for r in curling), default=None)
+    add("no stall over 1 s", None if not curling else stalls == 0,
+        "-" if not curling else f"{stalls} stalls; longest pause {worst_pause:.1f} ms")
+    for prefix, limit, what in (
+            ("SIGKILL", 500.0, "failover <= 0.5 s after a broken connection (kill -9)"),
+            ("SIGSTOP", timeout_ms + 500.0,
+             f"failover <= curling-timeout + 0.5 s = {(timeout_ms + 500) / 1000:.1f} s "
+             "for a silent sender (SIGSTOP)")):
+        times = next((v for k, v in failover.items() if k.startswith(prefix)), None)
+        if not times:
+            add(what, None, "-")
+            continue
+        ms = [t * 1000 for t in times]
+        add(what, statistics.median(ms) <= limit,
+            f"median {statistics.median(ms):.0f} ms, max {max(ms):.0f} ms "
+            f"over {len(ms)} rounds")
+    if curling:
+        rss = max(r["receiver_rss_mb"] for r in curling) * 1e6
+        ckpt = max(r["bytes_per_checkpoint"] or 0 for r in curling)
+        limit = mem_bytes(mem) + ckpt
+        add("receiver memory <= guest RAM + one checkpoint", rss <= limit,
+            f"RSS at most {rss / 1e6:.0f} MB; limit {limit / 1e6:.0f} MB "
+            f"({mem} + {ckpt / 1e6:.1f} MB)")
+    return out
+
+
 def write_report(path: pathlib.Path, meta: dict[str, Any],
                  rows: list[dict[str, Any]],
-                 failover: dict[str, list[float]], plots: list[str]) -> None:
+                 failover: dict[str, list[float]], plots: list[str],
+                 notes: Iterable[str] = ()) -> None:
+    accel = meta["accel"].upper()
     out = [f"# Curling benchmark ({meta['date']})", "",
-           f"Accelerator: **{meta['accel']}**. Machine: {meta['cpus']} CPUs; "
+           f"Accelerator: **{accel}**. Machine: {meta['cpus']} CPUs; "
            f"sender/primary pinned to CPU {meta['pin'][0]}, receiver/secondary "
            f"to CPU {meta['pin'][1]}. Guest: {meta['mem']} RAM, -machine pc, "
            f"{meta['kernel']}. Window {meta['window']} s per point. "
            f"memcpy bandwidth {meta['memcpy_gb_s']:.2f} GB/s.", "",
            f"Command: `{meta['command']}`", ""]
-    out += ["## Cost of protection", "",
-            "| system | workload | interval ms | throughput | ckpt/s | pause median ms "
-            "| p99 | max | stalls | MB/ckpt | bound ms | pause/bound | MB/s "
-            "| sender CPU | receiver CPU | receiver RSS MB |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    targets = check_targets(rows, failover, meta["mem"])
+    out += [f"## Targets ({accel})", "", "| target | verdict | measured |",
+            "|---|---|---|"]
+    out += [f"| {t['target']} | {t['verdict']} | {t['detail']} |" for t in targets]
+    out += [""]
+    out += [f"## Cost of protection ({accel})", "",
+            "| system | workload | interval ms | throughput | min..max | ckpt/s "
+            "| pause median ms | p99 | max | stalls | MB/ckpt | stopped KB "
+            "| bound ms | pause/bound | MB/s | sender CPU | receiver CPU "
+            "| receiver RSS MB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+            "|---:|---:|---:|---:|---:|"]
     for r in rows:
+        bpc = r["bytes_per_checkpoint"]
+        stop = r.get("stop_bytes")
+        spread = ("-" if r["throughput_min"] is None else
+                  f"{r['throughput_min']:.0%}..{r['throughput_max']:.0%}")
         out.append(
             f"| {r['system']} | {r['workload']} | {r['interval']} "
-            f"| {_fmt(r['throughput_ratio'], '.1%')} | {r['checkpoints_per_s']:.1f} "
+            f"| {_fmt(r['throughput_ratio'], '.1%')} | {spread} "
+            f"| {r['checkpoints_per_s']:.1f} "
             f"| {_fmt(r['pause_median_ms'])} | {_fmt(r['pause_p99_ms'])} "
             f"| {_fmt(r['pause_max_ms'])} | {r['stalls']} "
-            f"| {_fmt(r['bytes_per_checkpoint'] and r['bytes_per_checkpoint'] / 1e6, '.3f')} "
-            f"| {_fmt(r['bound_ms'], '.3f')} | {_fmt(r['pause_vs_bound'], '.0f')} "
+            f"| {_fmt(bpc and bpc / 1e6, '.3f')} | {_fmt(stop and stop / 1e3, '.1f')} "
+            f"| {_fmt(r['bound_ms'], '.4f')} | {_fmt(r['pause_vs_bound'], '.0f')} "
             f"| {r['bandwidth_mb_s']:.1f} | {r['sender_cpu']:.0%} "
             f"| {r['receiver_cpu']:.0%} | {r['receiver_rss_mb']:.0f} |")
-    out += ["", "Throughput is the guest's work per host second, protected "
-            "divided by unprotected (median of the windows). CPU is the share "
-            "of one host CPU each QEMU used. COLO's secondary runs the guest "
-            "too, so its CPU includes guest execution.", ""]
+    out += ["", "Throughput: the guest's work per host second protected, divided "
+            "by the same guest's unprotected throughput in the windows just before "
+            "and after (median over the repetitions; min..max of the windows). "
+            "Stopped KB: bytes saved while the guest was stopped (median; for "
+            "COLO, which sends the whole checkpoint with the guest stopped, the "
+            "checkpoint's bytes on the wire); bound: those bytes at memcpy speed. "
+            "CPU: share of one host CPU each QEMU used; COLO's secondary runs the "
+            "guest too, so its CPU includes guest execution.", ""]
+    phased = [r for r in rows if "phase_stop_us" in r]
+    if phased:
+        out += [f"## Where Curling's pause goes ({accel})", "",
+                "Medians per checkpoint, from trace event curling_stop_phase: "
+                "stopping the vCPUs, saving the RAM still dirty, saving every "
+                "device, starting the vCPUs.", "",
+                "| workload | interval ms | stop us | RAM us | devices us "
+                "| start us | stopped KB | pause median ms |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in phased:
+            out.append(
+                f"| {r['workload']} | {r['interval']} | {r['phase_stop_us']:.0f} "
+                f"| {r['phase_ram_us']:.0f} | {r['phase_devices_us']:.0f} "
+                f"| {r['phase_start_us']:.0f} | {r['stop_bytes'] / 1e3:.1f} "
+                f"| {_fmt(r['pause_median_ms'])} |")
+        out.append("")
     if failover:
-        out += ["## Failover time", "",
+        out += [f"## Failover time ({accel})", "",
+                "Sender signalled -> first guest output line at the receiver.", "",
                 "| sender | rounds | median ms | min | max |", "|---|---:|---:|---:|---:|"]
         for kind, times in failover.items():
             ms = [t * 1000 for t in times]
             out.append(f"| {kind} | {len(ms)} | {statistics.median(ms):.0f} "
                        f"| {min(ms):.0f} | {max(ms):.0f} |")
         out.append("")
+    systems = {r["system"] for r in rows}
+    out += ["## The systems", ""]
+    out += [f"- **{name}**: {text}" for name, text in SYSTEM_NOTES.items()
+            if name in systems]
+    out += [""]
+    for note in notes:
+        out += [note, ""]
     for plot in plots:
         out += [f"![{plot}]({plot})", ""]
     path.write_text("\n".join(out) + "\n")

@@ -153,6 +153,19 @@ def split_for_kind(entries: Sequence[SeriesEntry], kind: str
     return applied, skipped
 
 
+def bisect_build_points(entries: Sequence[SeriesEntry], kind: str) -> list[bool]:
+    """For each entry applied for ``kind``: is the tree expected to build
+    after it? A source kind's fix-ups (e.g. debian-ds/) make that source
+    buildable only together, so only the last of them is a build point;
+    every other patch must build on its own."""
+    applied, _skipped = split_for_kind(entries, kind)
+    points = []
+    for i, entry in enumerate(applied):
+        later_same_kind = any(e.topic == entry.topic for e in applied[i + 1:])
+        points.append(not (entry.topic in KIND_TOPICS and later_same_kind))
+    return points
+
+
 def render_series(old_text: str, names: Sequence[str],
                   renamed: dict[str, str]) -> str:
     """A new series text listing `names`, keeping the old file's comments.

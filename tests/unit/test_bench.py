@@ -53,3 +53,91 @@ def test_summarise_ratios_against_interleaved_unprotected() -> None:
     assert row["stalls"] == 1
     assert row["bytes_per_checkpoint"] == pytest.approx(200_000)
     assert row["receiver_rss_mb"] == pytest.approx(300.0)
+
+
+def test_each_protected_window_compares_with_its_neighbours() -> None:
+    seq = [window("none", None, 100.0), window("curling", 25, 95.0),
+           window("none", None, 110.0), window("curling", 50, 100.0),
+           window("curling", 100, 90.0)]
+    bench.set_baselines(seq)
+    assert seq[0].baseline_work_per_s is None
+    assert seq[1].baseline_work_per_s == pytest.approx(105.0)
+    # no unprotected window after: the one before alone
+    assert seq[3].baseline_work_per_s == pytest.approx(110.0)
+    assert seq[4].baseline_work_per_s == pytest.approx(110.0)
+    rows = bench.summarise(seq)
+    ratio = {r["interval"]: r["throughput_ratio"] for r in rows}
+    assert ratio == pytest.approx({25: 95 / 105, 50: 100 / 110, 100: 90 / 110})
+
+
+def test_stop_phases_parsed_from_the_trace_and_give_the_bound() -> None:
+    log = ("curling_stop_phase VM stopped: stop 90 us, RAM 40 us, devices 200 us,"
+           " start 60 us; 13000 bytes saved\n"
+           "noise\n"
+           "curling_stop_phase VM stopped: stop 110 us, RAM 60 us, devices 220 us,"
+           " start 70 us; 15000 bytes saved\n")
+    phases = bench.stop_phases(log)
+    assert phases == [(90, 40, 200, 60, 13000), (110, 60, 220, 70, 15000)]
+    w = window("curling", 100, 99.0, pauses=[0.4, 0.5], cps=2)
+    w.stop_phases = phases
+    w.baseline_work_per_s = 100.0
+    row = bench.summarise([w], memcpy_bw=10e9)[0]
+    assert row["stop_bytes"] == 14000
+    assert row["phase_devices_us"] == 210
+    assert row["bound_ms"] == pytest.approx(14000 / 10e9 * 1000)
+    assert row["pause_vs_bound"] == pytest.approx(0.45 / row["bound_ms"])
+    # COLO stops the guest for the whole checkpoint: bound from wire bytes
+    colo = bench.summarise([window("colo", 100, 50.0, pauses=[5.0], cps=20)],
+                           memcpy_bw=10e9)[0]
+    assert colo["bound_ms"] == pytest.approx(200_000 / 10e9 * 1000)
+
+
+def row(system: str, workload: str, interval: int, ratio: float, pause: float,
+        bound: float = 0.1, stalls: int = 0, rss_mb: float = 200.0) -> dict:
+    return {"system": system, "workload": workload, "interval": interval,
+            "throughput_ratio": ratio, "throughput_min": ratio,
+            "throughput_max": ratio, "pause_median_ms": pause,
+            "pause_vs_bound": pause / bound, "stalls": stalls,
+            "pause_max_ms": pause * 3, "receiver_rss_mb": rss_mb,
+            "bytes_per_checkpoint": 1e6}
+
+
+def verdicts(targets: list[dict]) -> dict[str, str]:
+    return {t["target"]: t["verdict"] for t in targets}
+
+
+def test_targets_met_and_missed() -> None:
+    rows = [row("curling", "counter", 100, 0.97, 0.25),
+            row("curling", "dirty-10", 100, 0.93, 0.4),
+            row("curling", "counter", 25, 0.85, 0.25),
+            row("curling", "dirty-10", 25, 0.79, 0.3),
+            row("colo-nodelay", "counter", 100, 0.5, 5.0),
+            row("colo-nodelay", "dirty-10", 25, 0.5, 0.2)]
+    failover = {"SIGKILL (x)": [0.1] * 10, "SIGSTOP (y)": [1.6, 1.4, 1.45]}
+    v = verdicts(bench.check_targets(rows, failover, "512M"))
+    assert v["throughput >= 95% at 100 ms, counter"] == "met"
+    assert v["throughput >= 95% at 100 ms, dirty-10"] == "**missed**"
+    assert v["throughput >= 80% at 25 ms, counter"] == "met"
+    assert v["throughput >= 80% at 25 ms, dirty-10"] == "**missed**"
+    assert v["median pause below COLO's (with TCP_NODELAY) at every interval"] \
+        == "**missed**"
+    assert v["median pause within 3x of the physical bound"] == "**missed**"
+    assert v["no stall over 1 s"] == "met"
+    assert v["failover <= 0.5 s after a broken connection (kill -9)"] == "met"
+    assert v["failover <= curling-timeout + 0.5 s = 1.5 s for a silent sender "
+             "(SIGSTOP)"] == "met"
+    assert v["receiver memory <= guest RAM + one checkpoint"] == "met"
+
+    rows = [row("curling", "counter", 100, 0.97, 0.25, bound=0.1, stalls=1,
+                rss_mb=600.0)]
+    v = verdicts(bench.check_targets(rows, {"SIGKILL": [0.6] * 3}, "512M"))
+    assert v["no stall over 1 s"] == "**missed**"
+    assert v["receiver memory <= guest RAM + one checkpoint"] == "**missed**"
+    assert v["failover <= 0.5 s after a broken connection (kill -9)"] == "**missed**"
+    assert v["median pause within 3x of the physical bound"] == "met"
+    assert v["throughput >= 95% at 100 ms, dirty-10"] == "not measured"
+
+
+def test_count_steps() -> None:
+    assert bench.Bench.count_steps(["curling"], ["counter"], 5, 3, 10) == 1 + 30 + 20
+    assert bench.Bench.count_steps(["colo"], ["counter", "idle"], 5, 3, 10) == 14

@@ -282,3 +282,12 @@ def test_bisect_steps_visit_each_patch_and_return_to_the_branch(
     repo = pygit2.Repository(str(tree))
     assert not repo.head_is_detached and repo.head.target == head_before
     assert not repo.status()
+
+
+def test_bisect_builds_a_source_kinds_fixups_only_together() -> None:
+    entries = patchqueue.parse_series(
+        "debian-ds/0001-a.patch\ndebian-ds/0002-b.patch\n"
+        "curling/0001-c.patch\ncurling/0002-d.patch\n")
+    assert patchqueue.bisect_build_points(entries, "debian-ds") == \
+        [False, True, True, True]
+    assert patchqueue.bisect_build_points(entries, "tarball") == [True, True]
