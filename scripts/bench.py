@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import time
+from typing import Callable
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -52,6 +53,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "docs" / "benchmarks"))
     p.add_argument("--accel", default=os.environ.get("CURLING_ACCEL", "tcg"),
                    help="tcg (default here) or kvm")
+    p.add_argument("--from-json", metavar="BENCH_JSON",
+                   help="measure nothing: write the report and plots to --out "
+                   "again from the raw samples of an earlier run")
     args = p.parse_args(argv)
     quick = args.quick
     args.systems = (args.systems or ("curling,colo-nodelay" if quick
@@ -72,15 +76,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def report(out: pathlib.Path, meta: dict, windows: list[bench.Window],
+           failover: dict[str, list[float]],
+           progress: Callable[[str], None]) -> None:
+    """Summary, targets, JSON, plots and the markdown report, into out."""
+    rows = bench.summarise(windows, meta["memcpy_gb_s"] * 1e9)
+    meta["noise"] = bench.noise_floor(windows)
+    targets = bench.check_targets(rows, failover, meta["mem"])
+    bench.write_json(out / "bench.json", meta, windows, failover, targets)
+    plots = bench.plot(out, rows, windows)
+    bench.write_report(out / "README.md", meta, rows, failover, plots)
+    for t in targets:
+        progress(f"target {t['verdict'].strip('*')}: {t['target']}: {t['detail']}")
+    progress(f"report: {out / 'README.md'}")
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    out = pathlib.Path(args.out)
+    if args.from_json:
+        try:
+            meta, windows, failover = bench.read_json(pathlib.Path(args.from_json))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: {args.from_json}: not a benchmark result ({exc})")
+            return 1
+        out.mkdir(parents=True, exist_ok=True)
+        report(out, meta, windows, failover, print)
+        return 0
     try:
         qemu, guest = built_qemu_and_guest(REPO)
     except CurlingError as exc:
         print(f"error: {exc}")
         return 1
-    out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
 
@@ -92,10 +120,13 @@ def main(argv: list[str]) -> int:
     runner.steps = bench.Bench.count_steps(args.systems, args.workloads,
                                            len(args.intervals), args.reps,
                                            args.failover_rounds)
+    ncpus = len(os.sched_getaffinity(0))
+    # Keep this process off the sender's CPU: it would steal guest time.
+    os.sched_setaffinity(0, {runner.cpus[1]})
     progress("measuring memcpy bandwidth")
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "accel": args.accel, "cpus": len(os.sched_getaffinity(0)),
+        "accel": args.accel, "cpus": ncpus,
         "pin": list(runner.cpus), "mem": bench.MEM,
         "kernel": guest.kernel_version, "window": args.window,
         "memcpy_gb_s": bench.memcpy_bandwidth() / 1e9,
@@ -119,15 +150,8 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"interrupted (QEMU logs in {workdir})")
         return 130
-    rows = bench.summarise(windows, meta["memcpy_gb_s"] * 1e9)
-    targets = bench.check_targets(rows, failover, bench.MEM)
-    bench.write_json(out / "bench.json", meta, windows, failover, targets)
-    plots = bench.plot(out, rows, windows)
-    bench.write_report(out / "README.md", meta, rows, failover, plots)
+    report(out, meta, windows, failover, progress)
     shutil.rmtree(workdir, ignore_errors=True)
-    for t in targets:
-        progress(f"target {t['verdict'].strip('*')}: {t['target']}: {t['detail']}")
-    progress(f"report: {out / 'README.md'}")
     return 0
 
 

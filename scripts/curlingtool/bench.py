@@ -423,6 +423,21 @@ class Bench:
         return times
 
 
+def noise_floor(windows: list[Window]) -> Optional[dict[str, float]]:
+    """How much the unprotected throughput of one guest moves between two
+    unprotected windows with one protected window between them (the
+    neighbours a protected window is compared with): |U2 / U1 - 1|."""
+    changes = []
+    for a, b, c in zip(windows, windows[1:], windows[2:]):
+        if (a.system == "none" and c.system == "none" and b.system != "none"
+                and a.workload == b.workload == c.workload and a.work_per_s):
+            changes.append(abs(c.work_per_s / a.work_per_s - 1))
+    if not changes:
+        return None
+    return {"median": statistics.median(changes), "max": max(changes),
+            "pairs": len(changes)}
+
+
 def summarise(windows: list[Window], memcpy_bw: float = 0.0
               ) -> list[dict[str, Any]]:
     """One row per (system, workload, interval) with the ratios.
@@ -499,6 +514,18 @@ def write_json(path: pathlib.Path, meta: dict[str, Any], windows: list[Window],
         "windows": [dataclasses.asdict(w) for w in windows],
         "failover_s": failover,
     }, indent=1) + "\n")
+
+
+def read_json(path: pathlib.Path) -> tuple[dict[str, Any], list[Window],
+                                           dict[str, list[float]]]:
+    """(meta, windows, failover) of a bench.json written by write_json."""
+    data = json.loads(path.read_text())
+    windows = []
+    for d in data["windows"]:
+        d = dict(d)
+        d["stop_phases"] = [tuple(ph) for ph in d.get("stop_phases", [])]
+        windows.append(Window(**d))
+    return data["meta"], windows, data["failover_s"]
 
 
 def _fmt(value: Any, spec: str = ".2f") -> str:
@@ -596,6 +623,14 @@ def write_report(path: pathlib.Path, meta: dict[str, Any],
             "|---|---|---|"]
     out += [f"| {t['target']} | {t['verdict']} | {t['detail']} |" for t in targets]
     out += [""]
+    noise = meta.get("noise")
+    if noise:
+        out += [f"Noise floor: the same guest's unprotected throughput moved by "
+                f"{noise['median']:.1%} (median; max {noise['max']:.1%}) between "
+                f"the two unprotected windows around one protected window "
+                f"({noise['pairs']} pairs), so a single window's ratio is only "
+                f"good to a few per cent; the rows give the median of the "
+                f"repetitions.", ""]
     out += [f"## Cost of protection ({accel})", "",
             "| system | workload | interval ms | throughput | min..max | ckpt/s "
             "| pause median ms | p99 | max | stalls | MB/ckpt | stopped KB "

@@ -141,3 +141,27 @@ def test_targets_met_and_missed() -> None:
 def test_count_steps() -> None:
     assert bench.Bench.count_steps(["curling"], ["counter"], 5, 3, 10) == 1 + 30 + 20
     assert bench.Bench.count_steps(["colo"], ["counter", "idle"], 5, 3, 10) == 14
+
+
+def test_noise_floor_from_unprotected_windows_around_a_protected_one() -> None:
+    seq = [window("none", None, 100.0), window("curling", 25, 95.0),
+           window("none", None, 104.0), window("curling", 50, 95.0),
+           window("none", None, 101.92), window("colo", 25, 50.0),
+           window("colo", 50, 50.0), window("none", None, 200.0)]
+    noise = bench.noise_floor(seq)
+    assert noise["pairs"] == 2
+    assert noise["median"] == pytest.approx(0.03)
+    assert noise["max"] == pytest.approx(0.04)
+    assert bench.noise_floor(seq[:2]) is None
+
+
+def test_json_round_trip(tmp_path) -> None:
+    w = window("curling", 100, 99.0, pauses=[0.4], cps=2)
+    w.stop_phases = [(90, 40, 200, 60, 13000)]
+    w.baseline_work_per_s = 100.0
+    path = tmp_path / "bench.json"
+    bench.write_json(path, {"mem": "512M"}, [window("none", None, 100.0), w],
+                     {"SIGKILL": [0.1]})
+    meta, windows, failover = bench.read_json(path)
+    assert meta == {"mem": "512M"} and failover == {"SIGKILL": [0.1]}
+    assert windows[1] == w
