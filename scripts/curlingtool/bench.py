@@ -350,8 +350,9 @@ class Bench:
             seq.append(self.measure(kind, workload, interval, sender, receiver))
             w = seq[-1]
             ratio = ""
-            if kind != "none" and seq[-2].work_per_s:
-                ratio = f", {w.work_per_s / seq[-2].work_per_s:.1%} of the last unprotected"
+            last_u = next((u for u in reversed(seq[:-1]) if u.system == "none"), None)
+            if kind != "none" and last_u and last_u.work_per_s:
+                ratio = f", {w.work_per_s / last_u.work_per_s:.1%} of the last unprotected"
             self.step(f"{system} {workload}: {what}{ratio}")
 
         try:
