@@ -139,13 +139,16 @@ def main(argv: list[str]) -> int:
         for system in args.systems:
             for workload in args.workloads:
                 windows += runner.run(system, workload, args.intervals, args.reps)
+                # raw samples so far: a later failure loses nothing measured
+                bench.write_json(out / "bench.json", meta, windows, failover)
         if "curling" in args.systems:
             failover["SIGKILL (broken connection)"] = runner.failover(
                 signal.SIGKILL, args.failover_rounds)
             failover["SIGSTOP (silent, curling-timeout 1000 ms)"] = runner.failover(
                 signal.SIGSTOP, args.failover_rounds)
     except (CurlingError, AssertionError) as exc:
-        print(f"error: {exc} (QEMU logs kept in {workdir})")
+        print(f"error: {exc} (QEMU logs kept in {workdir}; samples measured "
+              f"so far in {out / 'bench.json'}: --from-json reports them)")
         return 1
     except KeyboardInterrupt:
         print(f"interrupted (QEMU logs in {workdir})")
