@@ -170,6 +170,31 @@ class CurlingFailover(CurlingFailoverBase):
                       "max %.3f s", times[0], times[len(times) // 2],
                       times[-1])
 
+    def test_kill_heavy_dirtying(self) -> None:
+        """A guest rewriting 100 MiB/s of distinct pages: the sender copies
+        each checkpoint in several live passes, each after a new dirty
+        bitmap synchronisation, and a kill -9 still finds the receiver at
+        the last committed checkpoint with every page right (the guest's
+        self-check covers its whole 64 MiB buffer every second)."""
+        append = "curling.mode=dirty curling.rate=100 curling.mb=64"
+        trace = ["-trace", "curling_live_phase"]
+        sender, receiver, uri = self.launch_pair(append=append,
+                                                 extra_args=trace)
+        sender.wait_tick(5, timeout=BOOT_DEADLINE)
+        for rnd in range(1, 4):
+            self.protect(sender, receiver, uri, curling_interval=200)
+            self.wait_checkpoints(sender, 5)
+            passes = re.findall(r"curling_live_phase pass (\d+)",
+                                sender.qemu_log_path.read_text(errors="replace"))
+            self.assertIn("1", passes,
+                          f"{sender.name} never needed a second live pass: "
+                          "the guest does not dirty fast enough for this test")
+            self.kill_round(sender, receiver, 0.3 + 0.4 * rnd, f"round {rnd}/3")
+            if rnd < 3:
+                sender = receiver
+                receiver, uri = self.new_receiver(f"receiver{rnd + 1}", sender,
+                                                  "pc", append, trace)
+
     def test_kill_mid_transfer(self) -> None:
         """kill -9 while a checkpoint is on the wire: the receiver drops
         the partial checkpoint and resumes from the last committed one."""
