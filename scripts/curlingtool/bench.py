@@ -710,8 +710,11 @@ def plot(outdir: pathlib.Path, rows: list[dict[str, Any]],
     import matplotlib.pyplot as plt
 
     names = []
-    workloads = sorted({r["workload"] for r in rows})
+    # workloads that count work (idle does not)
+    workloads = sorted({r["workload"] for r in rows
+                        if r["throughput_ratio"] is not None}) or ["-"]
     systems = sorted({r["system"] for r in rows})
+    intervals = sorted({r["interval"] for r in rows})
     fig, axes = plt.subplots(1, len(workloads), figsize=(4 * len(workloads), 3.5),
                              squeeze=False)
     for ax, wl in zip(axes[0], workloads):
@@ -722,17 +725,21 @@ def plot(outdir: pathlib.Path, rows: list[dict[str, Any]],
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=system)
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(intervals, [str(i) for i in intervals])
+        ax.set_ylim(0, 1.15)
         ax.set_title(wl)
         ax.set_xlabel("checkpoint interval (ms)")
         ax.set_ylabel("throughput vs unprotected")
         ax.axhline(1.0, color="grey", lw=0.5)
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(outdir / "overhead.png", dpi=90)
     plt.close(fig)
     names.append("overhead.png")
 
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = plt.subplots(figsize=(12, 4))
     labels, data = [], []
     for w_sys in systems:
         for interval in sorted({w.interval for w in windows if w.system == w_sys}):
@@ -743,7 +750,8 @@ def plot(outdir: pathlib.Path, rows: list[dict[str, Any]],
                 data.append(pauses)
     if data:
         ax.boxplot(data, showfliers=True)
-        ax.set_xticks(range(1, len(labels) + 1), labels, fontsize="x-small")
+        ax.set_xticks(range(1, len(labels) + 1), labels, fontsize="x-small",
+                      rotation=60)
         ax.set_yscale("log")
         ax.set_ylabel("guest pause per checkpoint (ms)")
         fig.tight_layout()
