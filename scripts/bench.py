@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Benchmark the cost of protection and the failover time.
 
-    .venv/bin/python3 scripts/bench.py            full run (about 35 minutes)
+    .venv/bin/python3 scripts/bench.py            full run (about 30 minutes)
     .venv/bin/python3 scripts/bench.py --quick    smoke run (a few minutes)
 
 Compares, on this machine, in one run: the guest unprotected, protected by
@@ -144,7 +144,8 @@ def main(argv: list[str]) -> int:
         if "curling" in args.systems:
             failover["SIGKILL (broken connection)"] = runner.failover(
                 signal.SIGKILL, args.failover_rounds)
-            failover["SIGSTOP (silent, curling-timeout 1000 ms)"] = runner.failover(
+            failover["SIGSTOP (silent, curling-timeout "
+                     f"{bench.FAILOVER_TIMEOUT_MS} ms)"] = runner.failover(
                 signal.SIGSTOP, args.failover_rounds)
     except (CurlingError, AssertionError) as exc:
         print(f"error: {exc} (QEMU logs kept in {workdir}; samples measured "

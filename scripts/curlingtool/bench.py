@@ -60,6 +60,8 @@ WORKLOADS: dict[str, str] = {
 SYSTEMS = ("curling", "colo", "colo-nodelay")
 #: A pause longer than this is a stall.
 STALL_S = 1.0
+#: curling-timeout of the SIGSTOP failover rounds, in milliseconds.
+FAILOVER_TIMEOUT_MS = 1000
 BANDWIDTH = 10 * 1024 ** 3
 MEM = "512M"
 
@@ -396,7 +398,8 @@ class Bench:
 
     # -- failover ------------------------------------------------------------
 
-    def failover(self, sig: int, rounds: int, timeout_ms: int = 1000
+    def failover(self, sig: int, rounds: int,
+                 timeout_ms: int = FAILOVER_TIMEOUT_MS
                  ) -> list[float]:
         """Seconds from signalling the sender to the receiver's first tick."""
         append = WORKLOADS["dirty-10"]
@@ -543,7 +546,8 @@ def mem_bytes(mem: str) -> int:
 
 
 def check_targets(rows: list[dict[str, Any]], failover: dict[str, list[float]],
-                  mem: str, timeout_ms: int = 1000) -> list[dict[str, str]]:
+                  mem: str, timeout_ms: int = FAILOVER_TIMEOUT_MS
+                  ) -> list[dict[str, str]]:
     """The targets of the benchmark, each met, missed or not measured."""
     out: list[dict[str, str]] = []
 
