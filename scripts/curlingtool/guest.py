@@ -6,12 +6,18 @@ The guest is assembled from Debian packages and from our own sources only:
 * the kernel is ``/boot/vmlinuz-*`` of the ``linux-image-6.1.0-*-amd64``
   package that Debian's ``linux-image-amd64`` dependency package points to;
 * ``/bin/busybox`` comes from ``busybox-static``;
+* the kernel modules of ``KERNEL_MODULES`` and every module they depend on
+  (read from the ``depends=`` field of each module's ``.modinfo``) come
+  uncompressed from the same kernel package; they are packed as
+  ``/lib/modules/<name>.ko`` with ``/lib/modules/load-order`` listing them
+  dependencies first, for ``/init`` to insmod;
 * every ``tests/avocado/guest/*.c`` is compiled with ``gcc -static -O2`` and
   installed as ``/bin/<name>``; ``tests/avocado/guest/init.sh`` is ``/init``.
 
 Packages are fetched with ``apt-get download`` into ``build/downloads/`` and
 checked against the SHA256 that apt's package index gives; they are unpacked
-with ``dpkg-deb``, never installed.  The result is cached under
+with ``dpkg-deb`` into memory, only the files the guest needs, never
+installed.  The result is cached under
 ``build/guest/<content-hash>/`` with ``build/guest/current`` pointing at the
 newest one; the hash covers the packages' checksums and our sources, so an
 unchanged second call does no work.
@@ -30,19 +36,34 @@ import pathlib
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import tarfile
 import tempfile
-from typing import Generator, Sequence
+from typing import Generator, Iterable, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
 # Bump when the layout of the image changes in a way the sources do not show.
-GUEST_FORMAT = 1
+GUEST_FORMAT = 2
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 CFLAGS: tuple[str, ...] = ("-static", "-O2", "-Wall")
+
+#: Kernel modules the guest loads at boot (module names, as in ``depends=``),
+#: for the devices of the functional tests; their dependencies are added.
+KERNEL_MODULES: tuple[str, ...] = (
+    "virtio_pci",                        # every virtio-*-pci device
+    "virtio_net", "e1000e",              # NICs
+    "virtio_blk", "ahci", "virtio_scsi", "sd_mod",   # disks
+    "xhci_pci", "usbhid", "hid_generic", "evdev",    # usb-tablet, usb-kbd
+    "virtio_gpu",                        # virtio-gpu, fbcon on it
+    "virtio_balloon",
+    "virtio_rng",
+)
+MODULE_DIR = "lib/modules"
+MODULE_ORDER_NAME = "load-order"
 
 GUEST_SOURCE_DIR = pathlib.Path("tests/avocado/guest")
 INIT_SCRIPT = "init.sh"
@@ -69,6 +90,10 @@ class PackageContentError(GuestError):
 
 class CompileError(GuestError):
     """A guest workload did not compile."""
+
+
+class ModuleError(GuestError):
+    """A kernel module is missing, unreadable or its dependencies loop."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +262,159 @@ def extract_from_deb(deb: pathlib.Path, pattern: str,
     raise PackageContentError(f"{deb.name} has no file matching {pattern}")
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelModule:
+    """One kernel module as found in the kernel package."""
+
+    name: str                   # module name, as ``depends=`` spells it
+    path: str                   # path inside the package
+    depends: tuple[str, ...]
+
+
+def normalize_module_name(name: str) -> str:
+    """The kernel treats ``-`` and ``_`` in module names alike; so do we
+    (``depends=`` may say ``t10-pi`` for the module named ``t10_pi``)."""
+    return name.replace("-", "_")
+
+
+def module_name_from_path(path: str) -> str:
+    """``.../virtio-gpu.ko`` is module ``virtio_gpu``."""
+    return normalize_module_name(path.rsplit("/", 1)[-1].removesuffix(".ko"))
+
+
+def parse_modinfo(elf: bytes) -> dict[str, list[str]]:
+    """The ``key=value`` strings of an ELF64 module's ``.modinfo`` section.
+
+    Keys may repeat (``alias=``), so each maps to a list of values.
+    """
+    def bad(why: str) -> ModuleError:
+        return ModuleError(f"not a 64-bit little-endian kernel module: {why}")
+
+    if len(elf) < 64 or elf[:4] != b"\x7fELF":
+        raise bad("no ELF header")
+    if elf[4] != 2 or elf[5] != 1:
+        raise bad("not ELFCLASS64/ELFDATA2LSB")
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+    if shentsize < 64 or shstrndx >= shnum or \
+            shoff + shnum * shentsize > len(elf):
+        raise bad("section headers out of range")
+
+    def section(i: int) -> tuple[int, int, int]:
+        name, _type, _flags, _addr, offset, size = struct.unpack_from(
+            "<IIQQQQ", elf, shoff + i * shentsize)
+        if offset + size > len(elf):
+            raise bad(f"section {i} out of range")
+        return name, offset, size
+
+    _, stroff, strsize = section(shstrndx)
+    strtab = elf[stroff:stroff + strsize]
+    for i in range(shnum):
+        name, offset, size = section(i)
+        end = strtab.find(b"\0", name)
+        if strtab[name:end] != b".modinfo":
+            continue
+        info: dict[str, list[str]] = {}
+        for item in elf[offset:offset + size].split(b"\0"):
+            key, sep, value = item.decode("utf-8", "replace").partition("=")
+            if sep:
+                info.setdefault(key, []).append(value)
+        return info
+    raise ModuleError("no .modinfo section")
+
+
+def module_from_elf(path: str, elf: bytes) -> KernelModule:
+    """Name and dependencies of the module file ``path`` holding ``elf``."""
+    try:
+        info = parse_modinfo(elf)
+    except ModuleError as exc:
+        raise ModuleError(f"{path}: {exc}") from None
+    names = info.get("name")
+    name = normalize_module_name(names[0]) if names else \
+        module_name_from_path(path)
+    depends = tuple(normalize_module_name(d)
+                    for value in info.get("depends", [])
+                    for d in value.split(",") if d)
+    return KernelModule(name=name, path=path, depends=depends)
+
+
+def module_load_order(wanted: Iterable[str],
+                      depends: Mapping[str, Sequence[str]]) -> list[str]:
+    """Modules to load, each after every module it depends on.
+
+    ``depends`` maps every known module name to its ``depends=`` list.
+    The order is a depth-first walk of ``wanted`` in the order given,
+    dependencies in the order the module names them: the same input
+    always gives the same order.
+    """
+    order: list[str] = []
+    done: set[str] = set()
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in done:
+            return
+        if name in chain:
+            loop = " -> ".join(chain[chain.index(name):] + (name,))
+            raise ModuleError(f"module dependencies loop: {loop}")
+        if name not in depends:
+            what = f" (needed by {chain[-1]})" if chain else ""
+            raise ModuleError(f"no kernel module {name}{what}")
+        for dep in depends[name]:
+            visit(dep, chain + (name,))
+        done.add(name)
+        order.append(name)
+
+    for name in wanted:
+        visit(normalize_module_name(name), ())
+    return order
+
+
+def _module_members(deb: pathlib.Path) -> Generator[tuple[str, bytes], None, None]:
+    """(path, contents) of every ``.ko`` in ``deb``, one at a time."""
+    members = _deb_members(deb)
+    try:
+        for member, tar in members:
+            name = member.name.removeprefix("./")
+            if member.isfile() and name.startswith("lib/modules/") and \
+                    name.endswith(".ko"):
+                src = tar.extractfile(member)
+                if src is not None:
+                    with src:
+                        yield name, src.read()
+    except tarfile.TarError as exc:
+        raise PackageContentError(f"cannot unpack {deb.name}: {exc}") from exc
+    finally:
+        members.close()
+
+
+def extract_modules(deb: pathlib.Path, wanted: Sequence[str]
+                    ) -> list[tuple[KernelModule, bytes]]:
+    """The modules ``wanted`` and their dependencies, in load order.
+
+    Two streaming passes over the package, nothing written to disk: the
+    first reads every module's ``depends=``, the second keeps the contents
+    of the modules needed.
+    """
+    known: dict[str, KernelModule] = {}
+    for path, elf in _module_members(deb):
+        module = module_from_elf(path, elf)
+        if module.name in known:
+            raise ModuleError(f"{deb.name}: module {module.name} twice: "
+                              f"{known[module.name].path}, {path}")
+        known[module.name] = module
+    if not known:
+        raise PackageContentError(f"{deb.name} has no kernel modules")
+    order = module_load_order(wanted, {n: m.depends for n, m in known.items()})
+    paths = {known[name].path: name for name in order}
+    data: dict[str, bytes] = {}
+    for path, elf in _module_members(deb):
+        if path in paths:
+            data[paths[path]] = elf
+            if len(data) == len(paths):
+                break
+    return [(known[name], data[name]) for name in order]
+
+
 def compile_workload(source: pathlib.Path, output: pathlib.Path) -> None:
     argv = ["gcc", *CFLAGS, "-o", str(output), str(source)]
     logger.info("compiling %s", source.name)
@@ -286,11 +464,17 @@ class _Cpio:
 
 def pack_initramfs(busybox: pathlib.Path, init_script: pathlib.Path,
                    programs: Sequence[pathlib.Path],
-                   output: pathlib.Path) -> None:
-    """Write a gzip-compressed newc initramfs; byte-identical for equal input."""
+                   output: pathlib.Path,
+                   modules: Sequence[tuple[str, bytes]] = ()) -> None:
+    """Write a gzip-compressed newc initramfs; byte-identical for equal input.
+
+    ``modules`` are (module name, contents) in load order: each becomes
+    ``/lib/modules/<name>.ko``, and ``/lib/modules/load-order`` lists the
+    files in that order.
+    """
     cpio = _Cpio()
-    for d in ("bin", "dev", "etc", "proc", "root", "run", "sbin", "sys",
-              "tmp", "usr", "usr/bin", "usr/sbin"):
+    for d in ("bin", "dev", "etc", "lib", MODULE_DIR, "proc", "root", "run",
+              "sbin", "sys", "tmp", "usr", "usr/bin", "usr/sbin"):
         cpio.directory(d)
     cpio.chardev("dev/console", 5, 1)
     cpio.chardev("dev/null", 1, 3, 0o666)
@@ -299,6 +483,15 @@ def pack_initramfs(busybox: pathlib.Path, init_script: pathlib.Path,
     cpio.symlink("bin/sh", "busybox")
     for program in sorted(programs):
         cpio.file(f"bin/{program.name}", program.read_bytes(), 0o755)
+    order = []
+    for name, elf in modules:
+        filename = f"{name}.ko"
+        if filename in order:
+            raise ModuleError(f"module {name} packed twice")
+        cpio.file(f"{MODULE_DIR}/{filename}", elf)
+        order.append(filename)
+    cpio.file(f"{MODULE_DIR}/{MODULE_ORDER_NAME}",
+              "".join(f"{f}\n" for f in order).encode())
     cpio.file("init", init_script.read_bytes(), 0o755)
     output.write_bytes(gzip.compress(cpio.finish(), compresslevel=9, mtime=0))
 
@@ -309,6 +502,7 @@ def _content_hash(kernel: DebRef, busybox: DebRef,
     inputs = {
         "format": GUEST_FORMAT,
         "cflags": list(CFLAGS),
+        "modules": list(KERNEL_MODULES),
         "kernel_deb": kernel.sha256,
         "busybox_deb": busybox.sha256,
         "sources": {s.name: sha256_file(s) for s in sources},
@@ -398,13 +592,18 @@ def build_guest(repo_root: pathlib.Path) -> GuestImage:
             kernel_version = vmlinuz.split("vmlinuz-", 1)[1]
             busybox, _ = extract_from_deb(busybox_deb, r"bin/busybox",
                                           work / "busybox")
+            logger.info("reading kernel modules")
+            modules = extract_modules(kernel_deb, KERNEL_MODULES)
+            logger.info("%d kernel modules: %s", len(modules),
+                        " ".join(m.name for m, _ in modules))
             programs = []
             for source in sources:
                 out = work / source.stem
                 compile_workload(source, out)
                 programs.append(out)
             logger.info("packing initramfs")
-            pack_initramfs(busybox, init_script, programs, work / INITRD_NAME)
+            pack_initramfs(busybox, init_script, programs, work / INITRD_NAME,
+                           [(m.name, elf) for m, elf in modules])
             busybox.unlink()
             for program in programs:
                 program.unlink()
@@ -420,6 +619,9 @@ def build_guest(repo_root: pathlib.Path) -> GuestImage:
                                     "file": busybox_ref.filename,
                                     "sha256": busybox_ref.sha256},
                 "workloads": [s.stem for s in sources],
+                "modules": [{"name": m.name, "path": m.path,
+                             "sha256": hashlib.sha256(elf).hexdigest()}
+                            for m, elf in modules],
                 "files": {name: sha256_file(work / name)
                           for name in (KERNEL_NAME, INITRD_NAME)},
             }

@@ -7,7 +7,12 @@
 #   curling.mode=shell     start a shell on the console instead
 #   curling.vga=1          also copy the workload's output to the VGA text
 #                          console (/dev/tty0), with the cursor hidden
+#   curling.modules=0      do not load the kernel modules of the initramfs
 # Every other curling.* option is read by the workload from /proc/cmdline.
+#
+# The kernel modules in /lib/modules are loaded first, in the order of
+# /lib/modules/load-order (dependencies first).  A module that does not load
+# is reported as "curling: module NAME failed" and the guest goes on.
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -20,16 +25,26 @@ mount -t tmpfs tmpfs /tmp
 workload=curling-counter
 mode=
 vga=
+modules=1
 for opt in $(cat /proc/cmdline); do
     case "$opt" in
     curling.workload=*) workload="${opt#curling.workload=}" ;;
     curling.mode=*) mode="${opt#curling.mode=}" ;;
     curling.vga=*) vga="${opt#curling.vga=}" ;;
+    curling.modules=*) modules="${opt#curling.modules=}" ;;
     esac
 done
 
 console=/dev/ttyS0
 [ -c "$console" ] || console=/dev/console
+
+if [ "$modules" != 0 ] && [ -r /lib/modules/load-order ]; then
+    while read -r ko; do
+        [ -n "$ko" ] || continue
+        insmod "/lib/modules/$ko" >/dev/null 2>&1 ||
+            echo "curling: module ${ko%.ko} failed" >"$console"
+    done </lib/modules/load-order
+fi
 
 if [ "$mode" = shell ]; then
     echo "curling: shell" >"$console"
