@@ -49,7 +49,7 @@ GUEST_FORMAT = 2
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
-CFLAGS: tuple[str, ...] = ("-static", "-O2", "-Wall")
+CFLAGS: tuple[str, ...] = ("-static", "-O2", "-Wall", "-pthread")
 
 #: Kernel modules the guest loads at boot (module names, as in ``depends=``),
 #: for the devices of the functional tests; their dependencies are added.

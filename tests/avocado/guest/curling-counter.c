@@ -7,8 +7,14 @@
  *
  *   curling: tick=<n> work=<loop iterations> pages=<pages rewritten> check=ok
  *
- * or "check=FAIL page=<i> ..." when the memory self-check finds a page that
- * does not match the version table.
+ * or "check=FAIL thread=<t> page=<i> ..." when the memory self-check of any
+ * thread finds a page that does not match its version table.
+ *
+ * Threads: one worker per online CPU (curling.threads=N to choose), each
+ * pinned to its CPU, each with its own buffer and version table, rewriting
+ * and checking its own pages only.  Worker 0 is the main thread and prints
+ * the tick line; "work" and "pages" are the sums over every worker, and the
+ * line says check=FAIL when any worker's check failed since the last line.
  *
  * Self-check: a buffer of pages is rewritten at a fixed rate.  Rewriting page
  * i bumps its version v and fills the whole page with a pattern derived from
@@ -17,16 +23,39 @@
  * state restored from one consistent point in time always passes; a state
  * that mixes pages from one moment with a table from another fails.
  *
- * Before every print the program compares the tag words (first and last
- * word) of every page with the table, and verifies the full contents of a
- * rotating slice of the pages, sized so that every page is fully verified at
- * least once a second.
+ * Once per period every worker compares the tag words (first and last word)
+ * of every page of its buffer with its table, and verifies the full contents
+ * of a rotating slice of the pages, sized so that every page is fully
+ * verified at least once a second.
+ *
+ * Device load (curling.devices=1): background threads keep the guest's
+ * devices busy and count what they achieve:
+ *   disk   O_DIRECT reads of every /dev/vd* and /dev/sd* disk (never
+ *          writes); a disk whose first block starts with "CURLDISK" holds
+ *          that magic and the little-endian block number at the start of
+ *          every 4 KiB block, and every block read is checked;
+ *   rng    reads of /dev/hwrng;
+ *   net    every NIC is brought up (no address, IPv6 off) and sends an ARP
+ *          request for 10.0.2.2 (user networking's gateway) every 50 ms from
+ *          a raw socket; the counts are the NIC's tx/rx packets from sysfs;
+ *   tty    writes to /dev/tty0 (the VGA or virtio-gpu console);
+ *   input  events read from every /dev/input/event* (the host sends them).
+ * Once a second it prints
+ *
+ *   curling: devices disk=<n> rng=<n> net=<n> netrx=<n> tty=<n> input=<n>
+ *            err=<n> [<disk>=<reads> ...] [<nic>=<tx>/<rx> ...]
+ *
+ * (one line) and "curling: device error <name>: ..." the first time a
+ * device fails.  Devices are looked for again every second.
  *
  * Parameters come from the kernel command line (/proc/cmdline):
  *   curling.mode=counter|dirty|idle  (default dirty)
- *   curling.mb=N       buffer size in MiB (default 16)
- *   curling.rate=R     MiB per second of distinct pages rewritten (default 1)
+ *   curling.mb=N       buffer size of each worker in MiB (default 16)
+ *   curling.rate=R     MiB per second of distinct pages each worker
+ *                      rewrites (default 1)
  *   curling.period=MS  print period in milliseconds (default 100)
+ *   curling.threads=N  workers (default: one per online CPU)
+ *   curling.devices=1  run the device load
  *
  * Mode counter runs the CPU-bound loop only ("work" counts its iterations);
  * mode dirty also rewrites pages at the given rate; mode idle sleeps and
@@ -35,13 +64,25 @@
  */
 
 #define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
+#include <linux/input.h>
+#include <net/if.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -49,6 +90,8 @@
 #define PAGE_WORDS      (PAGE_SIZE / sizeof(uint64_t))
 #define WORK_CHUNK      4096u
 #define WORD_STEP       0x9e3779b97f4a7c15ull
+#define MAX_WORKERS     64
+#define WHY_LEN         160
 
 enum mode { MODE_COUNTER, MODE_DIRTY, MODE_IDLE };
 
@@ -57,24 +100,47 @@ struct config {
     unsigned long mb;
     double rate;
     unsigned long period_ms;
+    unsigned long threads;
+    int devices;
 };
 
-/* Everything the self-check needs lives in memory, like the counters. */
-static uint64_t *buf;           /* npages pages of pattern */
-static uint32_t *table;         /* expected version of every page */
-static uint64_t npages;
-static uint64_t stride;         /* step between consecutive rewritten pages */
-static uint64_t cursor;         /* next page to rewrite */
-static uint64_t verify_next;    /* first page of the next full-verify slice */
+/*
+ * One worker: everything its self-check needs lives in guest memory, like
+ * the counters, so a restored state carries it.
+ */
+struct worker {
+    unsigned id;
+    uint64_t *buf;              /* npages pages of pattern */
+    uint32_t *table;            /* expected version of every page */
+    uint64_t npages;
+    uint64_t stride;            /* step between consecutive rewritten pages */
+    uint64_t cursor;            /* next page to rewrite */
+    uint64_t verify_next;       /* first page of the next full-verify slice */
+    uint64_t slice;             /* pages fully verified per check */
+    uint64_t work_acc;
+    uint64_t work;              /* read by the printer: atomic */
+    uint64_t pages;             /* read by the printer: atomic */
+    uint64_t fails;             /* failed checks, atomic */
+    uint64_t fails_seen;        /* printer's copy of @fails */
+    char why[WHY_LEN];          /* first failure since the last report */
+};
 
-static volatile uint64_t tick;
-static volatile uint64_t work;
-static volatile uint64_t pages_rewritten;
-static volatile uint64_t work_acc;
+static struct config cfg = {
+    .mode = MODE_DIRTY,
+    .mb = 16,
+    .rate = 1.0,
+    .period_ms = 100,
+    .threads = 0,
+    .devices = 0,
+};
+
+static struct worker workers[MAX_WORKERS];
+static unsigned nworkers;
+static pthread_mutex_t why_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void out(const char *fmt, ...)
 {
-    char line[256];
+    char line[1024];
     va_list ap;
     int len;
     ssize_t done = 0;
@@ -87,7 +153,9 @@ static void out(const char *fmt, ...)
     }
     if ((size_t)len >= sizeof(line)) {
         len = sizeof(line) - 1;
+        line[len - 1] = '\n';
     }
+    /* One write per line: lines of several threads never interleave. */
     while (done < len) {
         ssize_t n = write(STDOUT_FILENO, line + done, len - done);
         if (n < 0) {
@@ -108,6 +176,42 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
 }
 
+static void sleep_ms(unsigned ms)
+{
+    struct timespec ts = {
+        .tv_sec = ms / 1000,
+        .tv_nsec = (ms % 1000) * 1000000l,
+    };
+
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+        continue;
+    }
+}
+
+static void sleep_until(uint64_t t_ns)
+{
+    uint64_t now = now_ns();
+
+    if (t_ns > now) {
+        uint64_t d = t_ns - now;
+        struct timespec ts = {
+            .tv_sec = d / 1000000000ull,
+            .tv_nsec = d % 1000000000ull,
+        };
+        nanosleep(&ts, NULL);
+    }
+}
+
+static inline uint64_t load64(const uint64_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+static inline void add64(uint64_t *p, uint64_t v)
+{
+    __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+
 static uint64_t mix64(uint64_t x)
 {
     x ^= x >> 30;
@@ -123,25 +227,26 @@ static inline uint64_t page_tag(uint64_t i, uint32_t version)
     return (i << 32) | version;
 }
 
-static void fill_page(uint64_t i, uint32_t version)
+static void fill_page(struct worker *w, uint64_t i, uint32_t version)
 {
-    uint64_t *p = buf + i * PAGE_WORDS;
-    uint64_t w = mix64(page_tag(i, version));
+    uint64_t *p = w->buf + i * PAGE_WORDS;
+    uint64_t x = mix64(page_tag(i, version));
     unsigned k;
 
     for (k = 1; k < PAGE_WORDS - 1; k++) {
-        w += WORD_STEP;
-        p[k] = w;
+        x += WORD_STEP;
+        p[k] = x;
     }
     p[0] = page_tag(i, version);
     p[PAGE_WORDS - 1] = page_tag(i, version);
 }
 
 /* Returns the index of the first bad word, or -1 when the page is intact. */
-static long full_check_page(uint64_t i, uint32_t version)
+static long full_check_page(const struct worker *w, uint64_t i,
+                            uint32_t version)
 {
-    const uint64_t *p = buf + i * PAGE_WORDS;
-    uint64_t w = mix64(page_tag(i, version));
+    const uint64_t *p = w->buf + i * PAGE_WORDS;
+    uint64_t x = mix64(page_tag(i, version));
     uint64_t diff = 0;
     unsigned k;
 
@@ -149,14 +254,14 @@ static long full_check_page(uint64_t i, uint32_t version)
         return 0;
     }
     for (k = 1; k < PAGE_WORDS - 1; k++) {
-        w += WORD_STEP;
-        diff |= p[k] ^ w;
+        x += WORD_STEP;
+        diff |= p[k] ^ x;
     }
     if (diff) {
-        w = mix64(page_tag(i, version));
+        x = mix64(page_tag(i, version));
         for (k = 1; k < PAGE_WORDS - 1; k++) {
-            w += WORD_STEP;
-            if (p[k] != w) {
+            x += WORD_STEP;
+            if (p[k] != x) {
                 return k;
             }
         }
@@ -167,52 +272,79 @@ static long full_check_page(uint64_t i, uint32_t version)
     return -1;
 }
 
-static void rewrite_next_page(void)
+static void rewrite_next_page(struct worker *w)
 {
-    uint64_t i = cursor;
-    uint32_t v = table[i] + 1;
+    uint64_t i = w->cursor;
+    uint32_t v = w->table[i] + 1;
 
-    /* Page first, then the table: the program never checks in between. */
-    fill_page(i, v);
-    table[i] = v;
-    pages_rewritten++;
-    cursor = (cursor + stride) % npages;
+    /* Page first, then the table: the worker never checks in between. */
+    fill_page(w, i, v);
+    w->table[i] = v;
+    add64(&w->pages, 1);
+    w->cursor = (w->cursor + w->stride) % w->npages;
 }
 
 /*
- * Check the tag words of every page and the full contents of @slice pages.
- * On failure, describe the first bad page in @why and return false.
+ * Check the tag words of every page of @w and the full contents of a slice
+ * of them.  On failure, describe the first bad page in @why and return 0.
  */
-static int self_check(uint64_t slice, char *why, size_t whylen)
+static int self_check(struct worker *w, char *why, size_t whylen)
 {
     uint64_t i, n;
 
-    for (i = 0; i < npages; i++) {
-        const uint64_t *p = buf + i * PAGE_WORDS;
-        uint64_t want = page_tag(i, table[i]);
+    for (i = 0; i < w->npages; i++) {
+        const uint64_t *p = w->buf + i * PAGE_WORDS;
+        uint64_t want = page_tag(i, w->table[i]);
 
         if (p[0] != want || p[PAGE_WORDS - 1] != want) {
             snprintf(why, whylen,
-                     "page=%llu want=%u have=%llu:%llu",
-                     (unsigned long long)i, table[i],
+                     "thread=%u page=%llu want=%u have=%llu:%llu", w->id,
+                     (unsigned long long)i, w->table[i],
                      (unsigned long long)(p[0] & 0xffffffffu),
                      (unsigned long long)(p[PAGE_WORDS - 1] & 0xffffffffu));
             return 0;
         }
     }
-    for (n = 0; n < slice; n++) {
+    for (n = 0; n < w->slice; n++) {
         long bad;
 
-        i = verify_next;
-        verify_next = (verify_next + 1) % npages;
-        bad = full_check_page(i, table[i]);
+        i = w->verify_next;
+        w->verify_next = (w->verify_next + 1) % w->npages;
+        bad = full_check_page(w, i, w->table[i]);
         if (bad >= 0) {
-            snprintf(why, whylen, "page=%llu want=%u word=%ld",
-                     (unsigned long long)i, table[i], bad);
+            snprintf(why, whylen, "thread=%u page=%llu want=%u word=%ld",
+                     w->id, (unsigned long long)i, w->table[i], bad);
             return 0;
         }
     }
     return 1;
+}
+
+/* Run the self-check of @w and record a failure for the printer. */
+static void check_and_record(struct worker *w)
+{
+    char why[WHY_LEN];
+
+    if (!w->buf) {
+        return;
+    }
+#ifdef CURLING_TIMING
+    uint64_t t0 = now_ns();
+#endif
+    if (!self_check(w, why, sizeof(why))) {
+        pthread_mutex_lock(&why_lock);
+        if (load64(&w->fails) == w->fails_seen) {
+            memcpy(w->why, why, sizeof(why));
+        }
+        add64(&w->fails, 1);
+        pthread_mutex_unlock(&why_lock);
+    }
+#ifdef CURLING_TIMING
+    if (w->id == 0) {
+        out("curling: check took %llu us\n",
+            (unsigned long long)((now_ns() - t0) / 1000));
+    }
+#endif
 }
 
 static const char *mode_name(enum mode m)
@@ -227,7 +359,7 @@ static const char *mode_name(enum mode m)
     }
 }
 
-static void parse_cmdline(struct config *cfg)
+static void parse_cmdline(void)
 {
     char line[4096];
     char *tok, *save = NULL;
@@ -247,30 +379,41 @@ static void parse_cmdline(struct config *cfg)
         if (!strncmp(tok, "curling.mode=", 13)) {
             const char *v = tok + 13;
             if (!strcmp(v, "counter")) {
-                cfg->mode = MODE_COUNTER;
+                cfg.mode = MODE_COUNTER;
             } else if (!strcmp(v, "dirty")) {
-                cfg->mode = MODE_DIRTY;
+                cfg.mode = MODE_DIRTY;
             } else if (!strcmp(v, "idle")) {
-                cfg->mode = MODE_IDLE;
+                cfg.mode = MODE_IDLE;
             } else {
                 out("curling: unknown mode '%s', using dirty\n", v);
             }
         } else if (!strncmp(tok, "curling.mb=", 11)) {
-            cfg->mb = strtoul(tok + 11, NULL, 10);
+            cfg.mb = strtoul(tok + 11, NULL, 10);
         } else if (!strncmp(tok, "curling.rate=", 13)) {
-            cfg->rate = strtod(tok + 13, NULL);
+            cfg.rate = strtod(tok + 13, NULL);
         } else if (!strncmp(tok, "curling.period=", 15)) {
-            cfg->period_ms = strtoul(tok + 15, NULL, 10);
+            cfg.period_ms = strtoul(tok + 15, NULL, 10);
+        } else if (!strncmp(tok, "curling.threads=", 16)) {
+            cfg.threads = strtoul(tok + 16, NULL, 10);
+        } else if (!strncmp(tok, "curling.devices=", 16)) {
+            cfg.devices = atoi(tok + 16) != 0;
         }
     }
-    if (cfg->mb < 1) {
-        cfg->mb = 1;
+    if (cfg.mb < 1) {
+        cfg.mb = 1;
     }
-    if (cfg->rate < 0) {
-        cfg->rate = 0;
+    if (cfg.rate < 0) {
+        cfg.rate = 0;
     }
-    if (cfg->period_ms < 1) {
-        cfg->period_ms = 1;
+    if (cfg.period_ms < 1) {
+        cfg.period_ms = 1;
+    }
+    if (cfg.threads < 1) {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        cfg.threads = cpus > 0 ? cpus : 1;
+    }
+    if (cfg.threads > MAX_WORKERS) {
+        cfg.threads = MAX_WORKERS;
     }
 }
 
@@ -297,115 +440,117 @@ static void *alloc_pages(size_t bytes)
     return p;
 }
 
-static void do_work_chunk(void)
+static void worker_init(struct worker *w, unsigned id)
 {
-    uint64_t acc = work_acc;
+    uint64_t i, ticks_per_sec;
+
+    w->id = id;
+    if (cfg.mode == MODE_IDLE) {
+        return;
+    }
+    w->npages = (uint64_t)cfg.mb * (1024 * 1024 / PAGE_SIZE);
+    w->buf = alloc_pages(w->npages * PAGE_SIZE);
+    w->table = alloc_pages(w->npages * sizeof(*w->table));
+    for (i = 0; i < w->npages; i++) {
+        w->table[i] = 1;
+        fill_page(w, i, 1);
+    }
+    w->stride = 1021;
+    while (gcd(w->stride, w->npages) != 1) {
+        w->stride += 2;
+    }
+    w->stride %= w->npages;
+    if (!w->stride) {
+        w->stride = 1;
+    }
+    ticks_per_sec = (1000 + cfg.period_ms - 1) / cfg.period_ms;
+    w->slice = (w->npages + ticks_per_sec - 1) / ticks_per_sec;
+}
+
+static void do_work_chunk(struct worker *w)
+{
+    uint64_t acc = w->work_acc;
     unsigned j;
 
     for (j = 0; j < WORK_CHUNK; j++) {
         acc = acc * 6364136223846793005ull + 1442695040888963407ull;
     }
-    work_acc = acc;
-    work += WORK_CHUNK;
+    w->work_acc = acc;
+    add64(&w->work, WORK_CHUNK);
 }
 
-static void sleep_until(uint64_t t_ns)
+/* The tick line: sums over the workers, FAIL if any check failed. */
+static void print_tick(uint64_t tick)
 {
-    uint64_t now = now_ns();
+    uint64_t work = 0, pages = 0;
+    char why[WHY_LEN] = "";
+    unsigned i;
 
-    if (t_ns > now) {
-        uint64_t d = t_ns - now;
-        struct timespec ts = {
-            .tv_sec = d / 1000000000ull,
-            .tv_nsec = d % 1000000000ull,
-        };
-        nanosleep(&ts, NULL);
+    if (cfg.mode == MODE_IDLE) {
+        out("curling: tick=%llu work=0 pages=0 check=skip\n",
+            (unsigned long long)tick);
+        return;
+    }
+    pthread_mutex_lock(&why_lock);
+    for (i = 0; i < nworkers; i++) {
+        struct worker *w = &workers[i];
+        uint64_t fails = load64(&w->fails);
+
+        work += load64(&w->work);
+        pages += load64(&w->pages);
+        if (fails != w->fails_seen) {
+            if (!why[0]) {
+                memcpy(why, w->why, sizeof(why));
+            }
+            w->fails_seen = fails;
+        }
+    }
+    pthread_mutex_unlock(&why_lock);
+    if (!why[0]) {
+        out("curling: tick=%llu work=%llu pages=%llu check=ok\n",
+            (unsigned long long)tick, (unsigned long long)work,
+            (unsigned long long)pages);
+    } else {
+        out("curling: tick=%llu work=%llu pages=%llu check=FAIL %s\n",
+            (unsigned long long)tick, (unsigned long long)work,
+            (unsigned long long)pages, why);
     }
 }
 
-int main(void)
+/*
+ * The loop of every worker: check once per period, rewrite pages at the
+ * configured rate, and spin the work loop in between.  Worker 0 also
+ * prints the tick line right after its check.
+ */
+static void worker_loop(struct worker *w)
 {
-    struct config cfg = {
-        .mode = MODE_DIRTY,
-        .mb = 16,
-        .rate = 1.0,
-        .period_ms = 100,
-    };
-    uint64_t period_ns, next_print, slice = 0, i;
-    uint64_t ticks_per_sec;
+    uint64_t period_ns = cfg.period_ms * 1000000ull;
     double pages_per_ns = 0, due = 0;
-    uint64_t last = 0;
-    char why[160];
+    uint64_t next = now_ns() + period_ns;
+    uint64_t last = now_ns();
+    uint64_t tick = 0;
 
-    parse_cmdline(&cfg);
-    out("curling: start mode=%s mb=%lu rate=%g period=%lu\n",
-        mode_name(cfg.mode), cfg.mb, cfg.rate, cfg.period_ms);
-
-    period_ns = cfg.period_ms * 1000000ull;
-    if (cfg.mode != MODE_IDLE) {
-        npages = (uint64_t)cfg.mb * (1024 * 1024 / PAGE_SIZE);
-        buf = alloc_pages(npages * PAGE_SIZE);
-        table = alloc_pages(npages * sizeof(*table));
-        for (i = 0; i < npages; i++) {
-            table[i] = 1;
-            fill_page(i, 1);
-        }
-        stride = 1021;
-        while (gcd(stride, npages) != 1) {
-            stride += 2;
-        }
-        stride %= npages;
-        if (!stride) {
-            stride = 1;
-        }
-        ticks_per_sec = (1000 + cfg.period_ms - 1) / cfg.period_ms;
-        slice = (npages + ticks_per_sec - 1) / ticks_per_sec;
-        if (cfg.mode == MODE_DIRTY) {
-            pages_per_ns = cfg.rate * (1024.0 * 1024.0 / PAGE_SIZE) / 1e9;
-        }
+    if (cfg.mode == MODE_DIRTY) {
+        pages_per_ns = cfg.rate * (1024.0 * 1024.0 / PAGE_SIZE) / 1e9;
     }
-
-    next_print = now_ns() + period_ns;
-    last = now_ns();
     for (;;) {
         uint64_t now = now_ns();
 
-        if (now >= next_print) {
-            int ok = 1;
-
-            if (buf) {
-#ifdef CURLING_TIMING
-                uint64_t t0 = now_ns();
-#endif
-                ok = self_check(slice, why, sizeof(why));
-#ifdef CURLING_TIMING
-                out("curling: check took %llu us\n",
-                    (unsigned long long)((now_ns() - t0) / 1000));
-#endif
+        if (now >= next) {
+            check_and_record(w);
+            if (w->id == 0) {
+                print_tick(++tick);
             }
-            tick++;
-            if (cfg.mode == MODE_IDLE) {
-                out("curling: tick=%llu work=0 pages=0 check=skip\n",
-                    (unsigned long long)tick);
-            } else if (ok) {
-                out("curling: tick=%llu work=%llu pages=%llu check=ok\n",
-                    (unsigned long long)tick, (unsigned long long)work,
-                    (unsigned long long)pages_rewritten);
-            } else {
-                out("curling: tick=%llu work=%llu pages=%llu check=FAIL %s\n",
-                    (unsigned long long)tick, (unsigned long long)work,
-                    (unsigned long long)pages_rewritten, why);
-            }
-            next_print += period_ns;
+            next += period_ns;
             now = now_ns();
-            if (now >= next_print) {
+            if (now >= next) {
                 /* Paused or too slow: skip missed ticks, do not burst. */
-                next_print = now + period_ns;
+                next = now + period_ns;
             }
         }
 
         if (cfg.mode == MODE_IDLE) {
-            sleep_until(next_print);
+            sleep_until(next);
             continue;
         }
 
@@ -418,11 +563,522 @@ int main(void)
                 due = pages_per_ns * period_ns + 1;
             }
             while (due >= 1.0) {
-                rewrite_next_page();
+                rewrite_next_page(w);
                 due -= 1.0;
             }
         }
-        do_work_chunk();
+        do_work_chunk(w);
     }
+}
+
+static void pin_to_cpu(unsigned cpu)
+{
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    cpu_set_t set;
+
+    if (cpus < 1) {
+        return;
+    }
+    CPU_ZERO(&set);
+    CPU_SET(cpu % cpus, &set);
+    sched_setaffinity(0, sizeof(set), &set);
+}
+
+static void *worker_thread(void *opaque)
+{
+    struct worker *w = opaque;
+
+    pin_to_cpu(w->id);
+    worker_loop(w);
+    return NULL;
+}
+
+static void start_thread(void *(*fn)(void *), void *arg)
+{
+    pthread_t thread;
+    pthread_attr_t attr;
+    int err;
+
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 256 * 1024);
+    err = pthread_create(&thread, &attr, fn, arg);
+    pthread_attr_destroy(&attr);
+    if (err) {
+        out("curling: cannot start a thread: %s\n", strerror(err));
+        exit(1);
+    }
+}
+
+/* -- device load ------------------------------------------------------- */
+
+enum dev_class { DEV_DISK, DEV_RNG, DEV_NET, DEV_TTY, DEV_INPUT, DEV_CLASSES };
+
+static const char *const class_names[DEV_CLASSES] = {
+    [DEV_DISK] = "disk",
+    [DEV_RNG] = "rng",
+    [DEV_NET] = "net",
+    [DEV_TTY] = "tty",
+    [DEV_INPUT] = "input",
+};
+
+#define MAX_DEVICES     32
+#define DISK_CHUNK      (64 * 1024)
+#define DISK_MAGIC      "CURLDISK"
+
+struct device {
+    enum dev_class cls;
+    char name[32];
+    uint64_t count;             /* operations done (net: tx packets) */
+    uint64_t rx;                /* net: rx packets */
+    uint64_t errors;
+    int reported;               /* the first error was printed */
+};
+
+static struct device devices[MAX_DEVICES];
+static unsigned ndevices;       /* only the reporter adds devices */
+static uint64_t errors_total;
+
+static void device_error(struct device *d, const char *fmt, ...)
+{
+    char why[200];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof(why), fmt, ap);
+    va_end(ap);
+    add64(&d->errors, 1);
+    add64(&errors_total, 1);
+    if (!__atomic_exchange_n(&d->reported, 1, __ATOMIC_RELAXED)) {
+        out("curling: device error %s: %s\n", d->name, why);
+    }
+}
+
+static struct device *find_device(enum dev_class cls, const char *name)
+{
+    unsigned i;
+
+    for (i = 0; i < ndevices; i++) {
+        if (devices[i].cls == cls && !strcmp(devices[i].name, name)) {
+            return &devices[i];
+        }
+    }
+    return NULL;
+}
+
+static struct device *add_device(enum dev_class cls, const char *name,
+                                 void *(*fn)(void *))
+{
+    struct device *d;
+
+    if (find_device(cls, name) || ndevices >= MAX_DEVICES) {
+        return NULL;
+    }
+    d = &devices[ndevices];
+    d->cls = cls;
+    snprintf(d->name, sizeof(d->name), "%s", name);
+    __atomic_store_n(&ndevices, ndevices + 1, __ATOMIC_RELEASE);
+    start_thread(fn, d);
+    return d;
+}
+
+static int read_sysfs_u64(const char *path, uint64_t *value)
+{
+    char text[32];
+    ssize_t n;
+    int fd = open(path, O_RDONLY);
+
+    if (fd < 0) {
+        return -1;
+    }
+    n = read(fd, text, sizeof(text) - 1);
+    close(fd);
+    if (n <= 0) {
+        return -1;
+    }
+    text[n] = '\0';
+    *value = strtoull(text, NULL, 10);
+    return 0;
+}
+
+/* Read the whole disk over and over with O_DIRECT; check patterned ones. */
+static void *disk_thread(void *opaque)
+{
+    struct device *d = opaque;
+    char path[64];
+    uint64_t size = 0, pos = 0;
+    int fd = -1, patterned = -1;
+    unsigned char *buf = NULL;
+
+    snprintf(path, sizeof(path), "/dev/%s", d->name);
+    if (posix_memalign((void **)&buf, PAGE_SIZE, DISK_CHUNK)) {
+        device_error(d, "no memory");
+        return NULL;
+    }
+    for (;;) {
+        ssize_t n;
+        unsigned b;
+
+        if (fd < 0) {
+            fd = open(path, O_RDONLY | O_DIRECT);
+            if (fd < 0 || ioctl(fd, BLKGETSIZE64, &size) < 0 ||
+                size < PAGE_SIZE) {
+                device_error(d, "cannot open %s: %s", path,
+                             strerror(errno));
+                if (fd >= 0) {
+                    close(fd);
+                    fd = -1;
+                }
+                sleep_ms(1000);
+                continue;
+            }
+            size -= size % PAGE_SIZE;
+        }
+        if (pos >= size) {
+            pos = 0;
+        }
+        n = pread(fd, buf, size - pos < DISK_CHUNK ? size - pos : DISK_CHUNK,
+                  pos);
+        if (n < (ssize_t)PAGE_SIZE) {
+            device_error(d, "read at %llu: %s", (unsigned long long)pos,
+                         n < 0 ? strerror(errno) : "short read");
+            close(fd);
+            fd = -1;
+            sleep_ms(1000);
+            continue;
+        }
+        if (patterned < 0 && pos == 0) {
+            patterned = !memcmp(buf, DISK_MAGIC, 8);
+        }
+        for (b = 0; patterned > 0 && b < n / PAGE_SIZE; b++) {
+            uint64_t want = pos / PAGE_SIZE + b, have;
+
+            memcpy(&have, buf + b * PAGE_SIZE + 8, sizeof(have));
+            if (memcmp(buf + b * PAGE_SIZE, DISK_MAGIC, 8) || have != want) {
+                device_error(d, "block %llu holds the wrong data",
+                             (unsigned long long)want);
+                break;
+            }
+        }
+        pos += n - n % PAGE_SIZE;
+        add64(&d->count, 1);
+        sleep_ms(10);
+    }
+    return NULL;
+}
+
+static void *rng_thread(void *opaque)
+{
+    struct device *d = opaque;
+    unsigned char buf[64];
+    int fd = -1;
+
+    for (;;) {
+        ssize_t n;
+
+        if (fd < 0) {
+            fd = open("/dev/hwrng", O_RDONLY);
+            if (fd < 0) {
+                device_error(d, "cannot open /dev/hwrng: %s", strerror(errno));
+                sleep_ms(1000);
+                continue;
+            }
+        }
+        n = read(fd, buf, sizeof(buf));
+        if (n <= 0) {
+            if (n < 0 && errno == EINTR) {
+                continue;
+            }
+            device_error(d, "read: %s", n < 0 ? strerror(errno) : "end");
+            close(fd);
+            fd = -1;
+            sleep_ms(1000);
+            continue;
+        }
+        add64(&d->count, 1);
+        sleep_ms(10);
+    }
+    return NULL;
+}
+
+/* An ARP request "who has 10.0.2.2, tell 10.0.2.15" from the NIC's MAC. */
+static void *net_thread(void *opaque)
+{
+    struct device *d = opaque;
+    char path[128];
+    struct ifreq ifr;
+    struct sockaddr_ll sll;
+    unsigned char frame[42];
+    int ctl, fd;
+
+    ctl = socket(AF_INET, SOCK_DGRAM, 0);
+    fd = socket(AF_PACKET, SOCK_RAW, htons(ETH_P_ARP));
+    if (ctl < 0 || fd < 0) {
+        device_error(d, "socket: %s", strerror(errno));
+        return NULL;
+    }
+    memset(&ifr, 0, sizeof(ifr));
+    snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%.15s", d->name);
+    if (ioctl(ctl, SIOCGIFFLAGS, &ifr) < 0) {
+        device_error(d, "SIOCGIFFLAGS: %s", strerror(errno));
+        return NULL;
+    }
+    ifr.ifr_flags |= IFF_UP;
+    if (ioctl(ctl, SIOCSIFFLAGS, &ifr) < 0) {
+        device_error(d, "cannot bring it up: %s", strerror(errno));
+        return NULL;
+    }
+    if (ioctl(ctl, SIOCGIFHWADDR, &ifr) < 0) {
+        device_error(d, "SIOCGIFHWADDR: %s", strerror(errno));
+        return NULL;
+    }
+    memset(&sll, 0, sizeof(sll));
+    sll.sll_family = AF_PACKET;
+    sll.sll_protocol = htons(ETH_P_ARP);
+    sll.sll_ifindex = if_nametoindex(d->name);
+    sll.sll_halen = ETH_ALEN;
+    memset(sll.sll_addr, 0xff, ETH_ALEN);
+
+    memset(frame, 0xff, 6);                             /* broadcast */
+    memcpy(frame + 6, ifr.ifr_hwaddr.sa_data, 6);
+    frame[12] = 0x08;                                   /* ARP */
+    frame[13] = 0x06;
+    memcpy(frame + 14, "\x00\x01\x08\x00\x06\x04\x00\x01", 8);
+    memcpy(frame + 22, ifr.ifr_hwaddr.sa_data, 6);
+    memcpy(frame + 28, "\x0a\x00\x02\x0f", 4);          /* 10.0.2.15 */
+    memset(frame + 32, 0, 6);
+    memcpy(frame + 38, "\x0a\x00\x02\x02", 4);          /* 10.0.2.2 */
+
+    for (;;) {
+        uint64_t tx, rx;
+
+        if (sendto(fd, frame, sizeof(frame), 0, (struct sockaddr *)&sll,
+                   sizeof(sll)) < 0 && errno != ENOBUFS &&
+            errno != EAGAIN && errno != ENETDOWN) {
+            device_error(d, "send: %s", strerror(errno));
+        }
+        snprintf(path, sizeof(path),
+                 "/sys/class/net/%s/statistics/tx_packets", d->name);
+        if (read_sysfs_u64(path, &tx) == 0) {
+            __atomic_store_n(&d->count, tx, __ATOMIC_RELAXED);
+        }
+        snprintf(path, sizeof(path),
+                 "/sys/class/net/%s/statistics/rx_packets", d->name);
+        if (read_sysfs_u64(path, &rx) == 0) {
+            __atomic_store_n(&d->rx, rx, __ATOMIC_RELAXED);
+        }
+        sleep_ms(50);
+    }
+    return NULL;
+}
+
+static void *tty_thread(void *opaque)
+{
+    struct device *d = opaque;
+    uint64_t n = 0;
+    int fd = -1;
+
+    for (;;) {
+        char line[64];
+        int len;
+
+        if (fd < 0) {
+            fd = open("/dev/tty0", O_WRONLY | O_NOCTTY);
+            if (fd < 0) {
+                device_error(d, "cannot open /dev/tty0: %s", strerror(errno));
+                sleep_ms(1000);
+                continue;
+            }
+        }
+        len = snprintf(line, sizeof(line), "curling: tty %llu\n",
+                       (unsigned long long)++n);
+        if (write(fd, line, len) != len) {
+            device_error(d, "write: %s", strerror(errno));
+            close(fd);
+            fd = -1;
+            sleep_ms(1000);
+            continue;
+        }
+        add64(&d->count, 1);
+        sleep_ms(100);
+    }
+    return NULL;
+}
+
+static void *input_thread(void *opaque)
+{
+    struct device *d = opaque;
+    char path[64];
+    struct input_event ev[16];
+    int fd;
+
+    snprintf(path, sizeof(path), "/dev/input/%s", d->name);
+    fd = open(path, O_RDONLY);
+    if (fd < 0) {
+        device_error(d, "cannot open %s: %s", path, strerror(errno));
+        return NULL;
+    }
+    for (;;) {
+        ssize_t n = read(fd, ev, sizeof(ev));
+        ssize_t i;
+
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            device_error(d, "read: %s", strerror(errno));
+            sleep_ms(1000);
+            continue;
+        }
+        for (i = 0; i < n / (ssize_t)sizeof(ev[0]); i++) {
+            if (ev[i].type != EV_SYN) {
+                add64(&d->count, 1);
+            }
+        }
+    }
+    return NULL;
+}
+
+/* Look for devices that have no load thread yet. */
+static void scan_devices(void)
+{
+    struct dirent *e;
+    DIR *dir;
+    char rng[64] = "";
+    int fd;
+
+    dir = opendir("/sys/block");
+    while (dir && (e = readdir(dir))) {
+        if (!strncmp(e->d_name, "vd", 2) || !strncmp(e->d_name, "sd", 2)) {
+            add_device(DEV_DISK, e->d_name, disk_thread);
+        }
+    }
+    if (dir) {
+        closedir(dir);
+    }
+    dir = opendir("/sys/class/net");
+    while (dir && (e = readdir(dir))) {
+        if (e->d_name[0] != '.' && strcmp(e->d_name, "lo")) {
+            add_device(DEV_NET, e->d_name, net_thread);
+        }
+    }
+    if (dir) {
+        closedir(dir);
+    }
+    dir = opendir("/dev/input");
+    while (dir && (e = readdir(dir))) {
+        if (!strncmp(e->d_name, "event", 5)) {
+            add_device(DEV_INPUT, e->d_name, input_thread);
+        }
+    }
+    if (dir) {
+        closedir(dir);
+    }
+    fd = open("/sys/class/misc/hw_random/rng_current", O_RDONLY);
+    if (fd >= 0) {
+        ssize_t n = read(fd, rng, sizeof(rng) - 1);
+        rng[n > 0 ? n : 0] = '\0';
+        close(fd);
+    }
+    if (rng[0] && strncmp(rng, "none", 4)) {
+        add_device(DEV_RNG, "hwrng", rng_thread);
+    }
+    if (access("/dev/tty0", W_OK) == 0) {
+        add_device(DEV_TTY, "tty0", tty_thread);
+    }
+}
+
+static void report_devices(void)
+{
+    uint64_t sum[DEV_CLASSES] = { 0 }, netrx = 0;
+    char line[1024], *p = line, *end = line + sizeof(line) - 2;
+    unsigned i, n = __atomic_load_n(&ndevices, __ATOMIC_ACQUIRE);
+    int c;
+
+    for (i = 0; i < n; i++) {
+        sum[devices[i].cls] += load64(&devices[i].count);
+        if (devices[i].cls == DEV_NET) {
+            netrx += load64(&devices[i].rx);
+        }
+    }
+    p += snprintf(p, end - p, "curling: devices");
+    for (c = 0; c < DEV_CLASSES; c++) {
+        p += snprintf(p, end - p, " %s=%llu", class_names[c],
+                      (unsigned long long)sum[c]);
+        if (c == DEV_NET) {
+            p += snprintf(p, end - p, " netrx=%llu",
+                          (unsigned long long)netrx);
+        }
+    }
+    p += snprintf(p, end - p, " err=%llu",
+                  (unsigned long long)load64(&errors_total));
+    for (i = 0; i < n && p < end; i++) {
+        const struct device *d = &devices[i];
+
+        if (d->cls == DEV_DISK) {
+            p += snprintf(p, end - p, " %s=%llu", d->name,
+                          (unsigned long long)load64(&d->count));
+        } else if (d->cls == DEV_NET) {
+            p += snprintf(p, end - p, " %s=%llu/%llu", d->name,
+                          (unsigned long long)load64(&d->count),
+                          (unsigned long long)load64(&d->rx));
+        }
+    }
+    if (p > end) {
+        p = end;
+    }
+    *p++ = '\n';
+    *p = '\0';
+    out("%s", line);
+}
+
+static void *reporter_thread(void *opaque)
+{
+    int fd;
+
+    /* No IPv6 chatter (router solicitations, MLD) from the NICs. */
+    fd = open("/proc/sys/net/ipv6/conf/default/disable_ipv6", O_WRONLY);
+    if (fd >= 0) {
+        if (write(fd, "1", 1) != 1) {
+            out("curling: cannot disable IPv6\n");
+        }
+        close(fd);
+    }
+    fd = open("/proc/sys/net/ipv6/conf/all/disable_ipv6", O_WRONLY);
+    if (fd >= 0) {
+        if (write(fd, "1", 1) != 1) {
+            out("curling: cannot disable IPv6\n");
+        }
+        close(fd);
+    }
+    for (;;) {
+        scan_devices();
+        sleep_ms(1000);
+        report_devices();
+    }
+    return NULL;
+}
+
+int main(void)
+{
+    unsigned i;
+
+    parse_cmdline();
+    nworkers = cfg.mode == MODE_IDLE ? 1 : cfg.threads;
+    out("curling: start mode=%s mb=%lu rate=%g period=%lu threads=%u "
+        "devices=%d\n", mode_name(cfg.mode), cfg.mb, cfg.rate, cfg.period_ms,
+        nworkers, cfg.devices);
+
+    for (i = 0; i < nworkers; i++) {
+        worker_init(&workers[i], i);
+    }
+    if (cfg.devices) {
+        start_thread(reporter_thread, NULL);
+    }
+    for (i = 1; i < nworkers; i++) {
+        start_thread(worker_thread, &workers[i]);
+    }
+    pin_to_cpu(0);
+    worker_loop(&workers[0]);
     return 0;
 }
