@@ -97,6 +97,19 @@ def percentile(values: list[float], q: float) -> Optional[float]:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
+def least_squares_slope(points: Iterable[tuple[float, float]]) -> float:
+    """Slope of the least-squares line through ``points`` (x, y)."""
+    pts = list(points)
+    if len(pts) < 2:
+        raise ValueError(f"a slope needs at least 2 points, not {len(pts)}")
+    mean_x = sum(x for x, _ in pts) / len(pts)
+    mean_y = sum(y for _, y in pts) / len(pts)
+    sxx = sum((x - mean_x) ** 2 for x, _ in pts)
+    if sxx == 0:
+        raise ValueError("a slope needs at least 2 distinct x values")
+    return sum((x - mean_x) * (y - mean_y) for x, y in pts) / sxx
+
+
 def cpu_seconds(pid: int) -> float:
     fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -121,6 +134,33 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+_SMAPS_HEADER_RE = re.compile(
+    r"^[0-9a-f]+-[0-9a-f]+ (?P<perms>\S{4}) \S+ \S+ \S+\s*(?P<path>.*)$")
+
+
+def rss_split(smaps: str, ram_bytes: int) -> tuple[int, int]:
+    """(total RSS, RSS of guest RAM) in bytes from a QEMU's
+    /proc/PID/smaps: guest RAM is the private anonymous read-write
+    mappings of at least ``ram_bytes`` (TCG's code buffer is as large but
+    executable); the rest is QEMU's own memory."""
+    total = guest = 0
+    in_ram = False
+    for line in smaps.splitlines():
+        m = _SMAPS_HEADER_RE.match(line)
+        if m:
+            in_ram = m["perms"] == "rw-p" and not m["path"]
+            continue
+        key, _, value = line.partition(":")
+        if key == "Size":
+            in_ram = in_ram and int(value.split()[0]) * 1024 >= ram_bytes
+        elif key == "Rss":
+            rss = int(value.split()[0]) * 1024
+            total += rss
+            if in_ram:
+                guest += rss
+    return total, guest
 
 
 def memcpy_bandwidth(size: int = 256 << 20, rounds: int = 5) -> float:

@@ -37,6 +37,10 @@ TICK_RE = re.compile(
     r"curling: tick=(?P<n>\d+) work=(?P<work>\d+) pages=(?P<pages>\d+) "
     r"check=(?P<check>\w+)(?: (?P<detail>.*))?")
 
+#: A line of the guest's device load (curling.devices=1), e.g.
+#: ``curling: devices disk=12 rng=40 ... err=0 vda=12 eth0=30/28``.
+DEVICES_RE = re.compile(r"curling: devices((?: [\w.-]+=\d+(?:/\d+)*)+)\s*$")
+
 T = TypeVar("T")
 
 # Every QEMU started by this module, so that nothing outlives the test.
@@ -117,6 +121,32 @@ def parse_ticks(text: str) -> list[Tick]:
                               pages=int(m["pages"]), check=m["check"],
                               detail=m["detail"] or "", line=line.strip()))
     return ticks
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceReport:
+    """One ``curling: devices ...`` line of the guest workload: a counter
+    per device class (``disk``, ``rng``, ``net``, ``netrx``, ``tty``,
+    ``input``), ``err`` and one per disk and NIC (a NIC's is tx/rx)."""
+
+    counters: dict[str, tuple[int, ...]]
+    line: str
+
+    def total(self, key: str) -> int:
+        return sum(self.counters.get(key, (0,)))
+
+
+def parse_device_reports(text: str) -> list[DeviceReport]:
+    reports = []
+    for line in text.splitlines():
+        m = DEVICES_RE.search(line)
+        if m:
+            counters = {}
+            for item in m[1].split():
+                key, value = item.split("=", 1)
+                counters[key] = tuple(int(v) for v in value.split("/"))
+            reports.append(DeviceReport(counters=counters, line=line.strip()))
+    return reports
 
 
 class VM:
@@ -320,6 +350,10 @@ class VM:
         """Tick lines printed so far (from console offset ``since``)."""
         return parse_ticks(self.console()[since:])
 
+    def device_reports(self, since: int = 0) -> list[DeviceReport]:
+        """Device load lines printed so far (from console offset ``since``)."""
+        return parse_device_reports(self.console()[since:])
+
     def last_tick(self) -> Optional[Tick]:
         ticks = self.ticks()
         return ticks[-1] if ticks else None
@@ -355,24 +389,30 @@ def guest_args(qemu: os.PathLike[str] | str, guest: GuestImage, name: str, *,
                incoming: Optional[str] = None, mem: str = "256M",
                machine: str = "pc",
                append: str = "curling.mode=dirty curling.rate=1",
-               extra_args: Iterable[str] = ()) -> list[str]:
+               extra_args: Iterable[str] = (),
+               smp: int = 1, defaults: bool = False) -> list[str]:
     """Command line of a QEMU running the test guest.
 
     The serial console goes to the file ``console``, QMP listens on the
     unix socket ``qmp_path``. A migration's two sides must have the same
-    arguments but ``incoming``.
+    arguments but ``incoming``. The machine has ``smp`` vCPUs and no
+    device but the serial port unless ``defaults`` keeps the machine's
+    default devices (VGA, NIC, CD-ROM, parallel port...: no
+    ``-nodefaults``, no ``-nic none``).
     """
+    if smp < 1:
+        raise ValueError(f"smp must be at least 1, not {smp}")
     args = [
         str(qemu),
         "-name", name,
         "-machine", machine,
         "-accel", accel,
         "-m", mem,
-        "-smp", "1",
-        "-nodefaults",
+        "-smp", str(smp),
+        *(() if defaults else ("-nodefaults",)),
         "-display", "none",
         "-no-reboot",
-        "-nic", "none",
+        *(() if defaults else ("-nic", "none")),
         "-kernel", str(guest.kernel),
         "-initrd", str(guest.initrd),
         "-append", f"{KERNEL_CMDLINE} {append}".strip(),

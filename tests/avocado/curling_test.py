@@ -20,16 +20,18 @@ host's cores.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
 import os
 import pathlib
 import shutil
+import signal
 import sys
 import tempfile
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import avocado
 
@@ -37,8 +39,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 from curlingtool.guest import GuestError, GuestImage, build_guest  # noqa: E402
-from curlingtool.vm import (VM, Tick, VMDied, WaitTimeout,  # noqa: E402
-                            free_tcp_port, guest_args,
+from curlingtool.vm import (VM, DeviceReport, Tick, VMDied,  # noqa: E402,F401
+                            WaitTimeout, free_tcp_port, guest_args,
                             parse_ticks, wait_until)  # noqa: F401
 
 BUILD_DIR = REPO_ROOT / "build"
@@ -52,6 +54,32 @@ KVM_PROBE_DEADLINE = 20.0
 BOOT_TIMEOUT = 120.0
 #: Seconds a test waits for another test's guests to finish.
 LOCK_TIMEOUT = 3600.0
+#: Seconds from the sender's death to CURLING_FAILOVER on the receiver.
+FAILOVER_DEADLINE = 10.0
+#: Ticks the failed-over guest must print (1.5 s: a full self-check of
+#: every page takes at most 1 s).
+TICKS_AFTER_FAILOVER = 15
+
+#: Arguments for one side of a pair, by VM name ("sender", "receiver"):
+#: what must differ between the sides, e.g. each side's own disk image.
+SideArgs = Callable[[str], Iterable[str]]
+
+
+def event_time(event: dict[str, Any]) -> float:
+    """Wall-clock time of a QMP event, as QEMU stamped it."""
+    stamp = event["timestamp"]
+    return stamp["seconds"] + stamp["microseconds"] / 1e6
+
+
+@dataclasses.dataclass
+class RoundResult:
+    """What one kill round measured."""
+
+    failover_s: float       # sender's death -> CURLING_FAILOVER timestamp
+    sequence: int           # sequence the receiver resumed from
+    first_tick: int         # first tick the receiver printed
+    window: tuple[int, int]  # allowed range for first_tick
+
 
 class CurlingTest(avocado.Test):
     """Base class of every Curling functional test.
@@ -176,7 +204,8 @@ class CurlingTest(avocado.Test):
                  mem: str = "256M", machine: str = "pc",
                  append: str = "curling.mode=dirty curling.rate=1",
                  extra_args: Iterable[str] = (),
-                 cpu_affinity: Optional[Iterable[int]] = None) -> VM:
+                 cpu_affinity: Optional[Iterable[int]] = None,
+                 smp: int = 1, defaults: bool = False) -> VM:
         stem = name
         n = 2
         while (self.logdir_path / f"{stem}-console.log").exists():
@@ -190,7 +219,8 @@ class CurlingTest(avocado.Test):
         args = guest_args(self.qemu_bin, self.guest, name, accel=accel,
                           console=console, qmp_path=qmp_path,
                           incoming=incoming, mem=mem, machine=machine,
-                          append=append, extra_args=extra_args)
+                          append=append, extra_args=extra_args,
+                          smp=smp, defaults=defaults)
         return VM(name, args, console, qemu_log, qmp_path, self.log,
                   cpu_affinity)
 
@@ -198,19 +228,23 @@ class CurlingTest(avocado.Test):
                   mem: str = "256M", machine: str = "pc",
                   append: str = "curling.mode=dirty curling.rate=1",
                   extra_args: Iterable[str] = (),
-                  cpu_affinity: Optional[Iterable[int]] = None) -> VM:
+                  cpu_affinity: Optional[Iterable[int]] = None,
+                  smp: int = 1, defaults: bool = False) -> VM:
         """Start a QEMU running the test guest; returns once QMP is up.
 
         Sender and receiver of a migration must be launched with the same
-        ``mem``, ``machine``, ``append`` and ``extra_args``; only
-        ``incoming`` differs. ``cpu_affinity`` pins the process to host
-        CPUs (e.g. ``{0}`` and ``{1}`` to model two hosts).
+        ``mem``, ``machine``, ``append``, ``extra_args``, ``smp`` and
+        ``defaults``; only ``incoming`` differs. ``cpu_affinity`` pins the
+        process to host CPUs (e.g. ``{0}`` and ``{1}`` to model two hosts).
+        ``defaults`` keeps the machine's default devices (see
+        ``guest_args``).
         """
         if name in self.vms and self.vms[name].is_running():
             raise ValueError(f"a VM called {name} is already running")
         vm = self._make_vm(name, accel=self.accel, incoming=incoming, mem=mem,
                            machine=machine, append=append,
-                           extra_args=extra_args, cpu_affinity=cpu_affinity)
+                           extra_args=extra_args, cpu_affinity=cpu_affinity,
+                           smp=smp, defaults=defaults)
         self.vms[name] = vm
         vm.launch()
         return vm
@@ -265,13 +299,22 @@ class CurlingTest(avocado.Test):
     def launch_pair(self, machine: str = "pc",
                     append: str = "curling.mode=dirty curling.rate=4",
                     extra_args: Iterable[str] = (),
-                    unix: bool = False) -> tuple[VM, VM, str]:
+                    unix: bool = False, mem: str = "256M", smp: int = 1,
+                    defaults: bool = False,
+                    side_args: Optional[SideArgs] = None
+                    ) -> tuple[VM, VM, str]:
         """Start a sender and a receiver listening on ``curling:...``.
 
         Returns (sender, receiver, uri). The sender is pinned to host CPU
         0 and the receiver to CPU 1 where there are two, to model two
-        hosts.
+        hosts. ``side_args(name)`` adds arguments of one side only after
+        ``extra_args`` (each side's own disk images).
         """
+        extra_args = tuple(extra_args)
+
+        def args(name: str) -> tuple[str, ...]:
+            return extra_args + (tuple(side_args(name)) if side_args else ())
+
         if unix:
             assert self._tmpdir is not None
             uri = f"curling:unix:{self._tmpdir}/curling.sock"
@@ -280,11 +323,13 @@ class CurlingTest(avocado.Test):
         cpus = sorted(os.sched_getaffinity(0))
         pin = len(cpus) >= 2
         sender = self.launch_vm("sender", machine=machine, append=append,
-                                extra_args=extra_args,
-                                cpu_affinity={cpus[0]} if pin else None)
+                                extra_args=args("sender"),
+                                cpu_affinity={cpus[0]} if pin else None,
+                                mem=mem, smp=smp, defaults=defaults)
         receiver = self.launch_vm("receiver", incoming=uri, machine=machine,
-                                  append=append, extra_args=extra_args,
-                                  cpu_affinity={cpus[1]} if pin else None)
+                                  append=append, extra_args=args("receiver"),
+                                  cpu_affinity={cpus[1]} if pin else None,
+                                  mem=mem, smp=smp, defaults=defaults)
         return sender, receiver, uri
 
     def new_receiver(self, name: str, sender: VM, machine: str = "pc",
@@ -329,6 +374,79 @@ class CurlingTest(avocado.Test):
 
         return wait_until(done, timeout,
                           f"{count} more checkpoints on {vm.name}", 0.05)
+
+    # -- kill -9 the sender ---------------------------------------------
+
+    def sender_final_tick(self, sender: VM) -> tuple[int, bool]:
+        """Last complete tick of a dead sender, and whether its console
+        ended in the middle of a line (a tick being printed when it died)."""
+        text = sender.console()
+        ticks = sender.ticks()
+        self.assertTrue(ticks, f"{sender.name} never ticked")
+        return ticks[-1].n, not text.endswith("\n")
+
+    def kill_round(self, sender: VM, receiver: VM, hold: float,
+                   label: str = "") -> RoundResult:
+        """Protect for ``hold`` s after a fresh commit, kill -9 the sender
+        and check how the receiver takes over: from a checkpoint no older
+        than the last one the sender saw committed, its guest ticking on
+        one by one with a clean self-check."""
+        before = sender.last_tick()
+        self.assertIsNotNone(before, f"{sender.name} has not ticked yet")
+        assert before is not None
+        t_seen = before.n
+        info = self.wait_checkpoints(sender, 2)
+        committed = info["sequence"]
+        time.sleep(hold)
+        info = curling_info(sender)
+        self.assertEqual(info["status"], "protecting",
+                         f"{sender.name} stopped protecting before the kill")
+        committed = max(committed, info["sequence"])
+        last_before = sender.last_tick()
+        assert last_before is not None
+        mark = receiver.console_mark()
+
+        t_kill = time.time()
+        sender.kill(signal.SIGKILL)
+        event = receiver.wait_event("CURLING_FAILOVER",
+                                    timeout=FAILOVER_DEADLINE)
+        failover_s = event_time(event) - t_kill
+        sequence = event["data"]["sequence"]
+
+        last, mid_line = self.sender_final_tick(sender)
+        self.assertGreaterEqual(last, last_before.n)
+        self.log.info("%s: %s killed after %.2f s; committed seq %d, ticks "
+                      "%d..%d; %s resumed seq %d after %.3f s", label,
+                      sender.name, hold, committed, t_seen, last,
+                      receiver.name, sequence, failover_s)
+        self.assertGreaterEqual(
+            sequence, committed,
+            f"{receiver.name} resumed from sequence {sequence}, older than "
+            f"the {committed} the sender had seen committed")
+
+        ticks = receiver.wait_ticks(TICKS_AFTER_FAILOVER, timeout=60,
+                                    since=mark)
+        # A tick whose line was cut by the kill may come out whole on the
+        # receiver, then the next one: allow one more in that case only.
+        high = last + 1 + (1 if mid_line else 0)
+        first = ticks[0].n
+        self.log.info("%s: %s's first tick %d (allowed %d..%d)", label,
+                      receiver.name, first, t_seen + 1, high)
+        self.assertGreaterEqual(
+            first, t_seen + 1,
+            f"{receiver.name} resumed at tick {first}, older than tick "
+            f"{t_seen} that a committed checkpoint had already seen")
+        self.assertLessEqual(
+            first, high,
+            f"{receiver.name} resumed at tick {first}, but the sender had "
+            f"only reached tick {last}")
+        self.assert_consecutive(receiver, ticks)
+        self.assert_ticks_ok(receiver, since=mark)
+        self.assert_ticks_ok(sender)
+
+        self.assertEqual(receiver.qmp("query-status")["status"], "running")
+        self.assertEqual(curling_info(receiver)["status"], "failed-over")
+        return RoundResult(failover_s, sequence, first, (t_seen + 1, high))
 
 
 def curling_info(vm: VM) -> dict[str, Any]:

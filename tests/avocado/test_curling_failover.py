@@ -11,41 +11,19 @@ points in time.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import re
 import signal
 import time
-from typing import Any
 
-from curling_test import VM, CurlingTest, curling_info, wait_until
+from curling_test import (FAILOVER_DEADLINE, TICKS_AFTER_FAILOVER,
+                          CurlingTest, curling_info, event_time, wait_until)
 
-#: Seconds from the sender's death to CURLING_FAILOVER on the receiver.
-FAILOVER_DEADLINE = 10.0
 #: Seconds from QEMU start to a ticking guest.
 BOOT_DEADLINE = 120.0
-#: Ticks the failed-over guest must print (1.5 s: a full self-check of
-#: every page takes at most 1 s).
-TICKS_AFTER_FAILOVER = 15
 
 TICK_NUMBER_RE = re.compile(r"curling: tick=(\d+)")
-
-
-def event_time(event: dict[str, Any]) -> float:
-    """Wall-clock time of a QMP event, as QEMU stamped it."""
-    stamp = event["timestamp"]
-    return stamp["seconds"] + stamp["microseconds"] / 1e6
-
-
-@dataclasses.dataclass
-class RoundResult:
-    """What one kill round measured."""
-
-    failover_s: float       # sender's death -> CURLING_FAILOVER timestamp
-    sequence: int           # sequence the receiver resumed from
-    first_tick: int         # first tick the receiver printed
-    window: tuple[int, int]  # allowed range for first_tick
 
 
 class CurlingFailoverBase(CurlingTest):
@@ -55,77 +33,6 @@ class CurlingFailoverBase(CurlingTest):
     """
 
     APPEND = "curling.mode=dirty curling.rate=4"
-
-    # -- helpers --------------------------------------------------------
-
-    def sender_final_tick(self, sender: VM) -> tuple[int, bool]:
-        """Last complete tick of a dead sender, and whether its console
-        ended in the middle of a line (a tick being printed when it died)."""
-        text = sender.console()
-        ticks = sender.ticks()
-        self.assertTrue(ticks, f"{sender.name} never ticked")
-        return ticks[-1].n, not text.endswith("\n")
-
-    def kill_round(self, sender: VM, receiver: VM, hold: float,
-                   label: str = "") -> RoundResult:
-        """Protect for ``hold`` s after a fresh commit, kill -9 the sender
-        and check how the receiver takes over."""
-        before = sender.last_tick()
-        self.assertIsNotNone(before, f"{sender.name} has not ticked yet")
-        assert before is not None
-        t_seen = before.n
-        info = self.wait_checkpoints(sender, 2)
-        committed = info["sequence"]
-        time.sleep(hold)
-        info = curling_info(sender)
-        self.assertEqual(info["status"], "protecting",
-                         f"{sender.name} stopped protecting before the kill")
-        committed = max(committed, info["sequence"])
-        last_before = sender.last_tick()
-        assert last_before is not None
-        mark = receiver.console_mark()
-
-        t_kill = time.time()
-        sender.kill(signal.SIGKILL)
-        event = receiver.wait_event("CURLING_FAILOVER",
-                                    timeout=FAILOVER_DEADLINE)
-        failover_s = event_time(event) - t_kill
-        sequence = event["data"]["sequence"]
-
-        last, mid_line = self.sender_final_tick(sender)
-        self.assertGreaterEqual(last, last_before.n)
-        self.log.info("%s: %s killed after %.2f s; committed seq %d, ticks "
-                      "%d..%d; %s resumed seq %d after %.3f s", label,
-                      sender.name, hold, committed, t_seen, last,
-                      receiver.name, sequence, failover_s)
-        self.assertGreaterEqual(
-            sequence, committed,
-            f"{receiver.name} resumed from sequence {sequence}, older than "
-            f"the {committed} the sender had seen committed")
-
-        ticks = receiver.wait_ticks(TICKS_AFTER_FAILOVER, timeout=60,
-                                    since=mark)
-        # A tick whose line was cut by the kill may come out whole on the
-        # receiver, then the next one: allow one more in that case only.
-        high = last + 1 + (1 if mid_line else 0)
-        first = ticks[0].n
-        self.log.info("%s: %s's first tick %d (allowed %d..%d)", label,
-                      receiver.name, first, t_seen + 1, high)
-        self.assertGreaterEqual(
-            first, t_seen + 1,
-            f"{receiver.name} resumed at tick {first}, older than tick "
-            f"{t_seen} that a committed checkpoint had already seen")
-        self.assertLessEqual(
-            first, high,
-            f"{receiver.name} resumed at tick {first}, but the sender had "
-            f"only reached tick {last}")
-        self.assert_consecutive(receiver, ticks)
-        self.assert_ticks_ok(receiver, since=mark)
-        self.assert_ticks_ok(sender)
-
-        self.assertEqual(receiver.qmp("query-status")["status"], "running")
-        self.assertEqual(curling_info(receiver)["status"], "failed-over")
-        return RoundResult(failover_s, sequence, first, (t_seen + 1, high))
 
 
 class CurlingFailover(CurlingFailoverBase):

@@ -165,3 +165,42 @@ def test_json_round_trip(tmp_path) -> None:
     meta, windows, failover = bench.read_json(path)
     assert meta == {"mem": "512M"} and failover == {"SIGKILL": [0.1]}
     assert windows[1] == w
+
+
+def test_least_squares_slope() -> None:
+    assert bench.least_squares_slope([(0, 1), (1, 3), (2, 5)]) == pytest.approx(2)
+    assert bench.least_squares_slope([(0, 5), (1, 4), (2, 6), (3, 5)]) == \
+        pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        bench.least_squares_slope([(1, 1)])
+    with pytest.raises(ValueError):
+        bench.least_squares_slope([(1, 1), (1, 2)])
+
+
+SMAPS = """\
+5614b8029000-5614b8365000 r--p 00000000 fe:00 5341268    /usr/bin/qemu-system-x86_64
+Size:               3312 kB
+Rss:                3312 kB
+5614e043f000-5614e1304000 rw-p 00000000 00:00 0          [heap]
+Size:              15124 kB
+Rss:                4616 kB
+7fbbabe00000-7fbc2be00000 rw-p 00000000 00:00 0
+Size:            2097152 kB
+KernelPageSize:        4 kB
+Rss:              163840 kB
+7fbc2c000000-7fbc6bfff000 rwxp 00000000 00:00 0
+Size:            1048572 kB
+Rss:               49152 kB
+7fbc70000000-7fbc70400000 rw-p 00000000 00:00 0
+Size:               4096 kB
+Rss:                1024 kB
+"""
+
+
+def test_rss_split_tells_guest_ram_from_qemu() -> None:
+    total, guest = bench.rss_split(SMAPS, 2 << 30)
+    assert total == (3312 + 4616 + 163840 + 49152 + 1024) * 1024
+    assert guest == 163840 * 1024
+    # a smaller guest: still only the large read-write anonymous mapping
+    assert bench.rss_split(SMAPS, 512 << 20)[1] == 163840 * 1024
+    assert bench.rss_split(SMAPS, 4 << 30)[1] == 0
