@@ -19,7 +19,11 @@ On command (``arm_*``) it spoils one frame on the way:
 * ``arm_garbage``: replace a whole frame by random bytes of its length;
 * ``arm_cut``: close both connections after a chosen number of bytes of a
   frame: none of it (between frames), part of the header, part of the
-  payload, or all of it.
+  payload, or all of it;
+* ``arm_rewrite``: hold a whole checkpoint, pass its payload through a
+  function of the test and forward the result with a header and
+  checksums that match it: a frame the receiver can verify but whose
+  contents are wrong.
 
 Everything runs in one thread; every wait is bounded and ``stop()`` ends
 it.  Only 127.0.0.1 is ever used.
@@ -30,12 +34,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import re
 import selectors
 import socket
 import struct
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 FRAME_MAGIC = 0x4355524C     # "CURL"
 ACK_MAGIC = 0x4341434B       # "CACK"
@@ -81,6 +86,74 @@ def make_ack(ack_type: int, sequence: int) -> bytes:
 
 READY_ACK = make_ack(ACK_READY, 0)
 
+# A checkpoint's payload: u64 length of the RAM part, the RAM part (RAM
+# sections of a migration stream, then QEMU_VM_EOF), the device part (the
+# other devices' sections, then QEMU_VM_EOF).
+VM_EOF, SECTION_PART, SECTION_END, SECTION_FULL = 0x00, 0x02, 0x03, 0x04
+SECTION_FOOTER = 0x7E
+RAM_ZERO, RAM_PAGE, RAM_EOS, RAM_CONTINUE = 0x02, 0x08, 0x10, 0x20
+PAGE_SIZE = 4096
+
+
+def split_checkpoint(payload: bytes) -> tuple[bytes, bytes]:
+    """(RAM part, device part) of a checkpoint's payload."""
+    ram_len = struct.unpack_from(">Q", payload)[0]
+    return payload[8:8 + ram_len], payload[8 + ram_len:]
+
+
+def ram_page_records(ram: bytes) -> list[int]:
+    """Offsets in ``ram`` of every page record (its 64-bit address and
+    flags word), parsed as the receiver parses them."""
+    records = []
+    pos = 0
+    while ram[pos] != VM_EOF:
+        assert ram[pos] in (SECTION_PART, SECTION_END), ram[pos]
+        pos += 5                            # section type and id
+        while True:
+            flags = struct.unpack_from(">Q", ram, pos)[0] & (PAGE_SIZE - 1)
+            if flags & ~RAM_CONTINUE == RAM_EOS:
+                pos += 8
+                break
+            records.append(pos)
+            pos += 8
+            if not flags & RAM_CONTINUE:
+                pos += 1 + ram[pos]         # the RAM block's name
+            pos += 1 if flags & RAM_ZERO else PAGE_SIZE
+        pos += 5                            # section footer
+    return records
+
+
+def break_ram_record(payload: bytes) -> bytes:
+    """The payload with the page record in the middle of its RAM part made
+    invalid (both zero and whole page): the pages before it are fine."""
+    ram, devices = split_checkpoint(payload)
+    records = ram_page_records(ram)
+    assert len(records) >= 2, f"only {len(records)} RAM pages"
+    at = 8 + records[len(records) // 2] + 7     # the word's last byte
+    out = bytearray(payload)
+    out[at] |= RAM_ZERO | RAM_PAGE
+    return bytes(out)
+
+
+_SECTION_RE = re.compile(
+    rb"\x7e[\x00-\xff]{4}\x04[\x00-\xff]{4}([\x01-\x7f])")
+
+
+def break_device_section(payload: bytes) -> bytes:
+    """The payload with the device section nearest the middle of its
+    device part claiming a version no QEMU supports: loading the device
+    part fails half-way."""
+    ram, devices = split_checkpoint(payload)
+    starts = []
+    for m in _SECTION_RE.finditer(devices):
+        name = devices[m.end():m.end() + m[1][0]]
+        if len(name) == m[1][0] and re.fullmatch(rb"[\w/:.,-]+", name):
+            starts.append(m.end() + len(name) + 4)   # its version_id
+    assert len(starts) >= 2, "no device section in the middle"
+    at = 8 + len(ram) + min(starts,
+                            key=lambda x: abs(x - len(devices) // 2))
+    return payload[:at] + b"\xff\xff\x00\x01" + payload[at + 4:]
+
 
 @dataclasses.dataclass
 class Frame:
@@ -105,11 +178,12 @@ class Frame:
 class Action:
     """A spoiling action the test armed; ``result`` once it was done."""
 
-    kind: str                   # corrupt | garbage | cut
+    kind: str                   # corrupt | garbage | cut | rewrite
     frame_type: int = CHECKPOINT
     min_sequence: int = 0
     cut: str = ""               # before | header | payload | after
     rst: bool = False           # close with a reset instead of a FIN
+    rewrite: Optional[Callable[[bytes], bytes]] = None
     result: Optional[dict[str, Any]] = None
 
 
@@ -152,6 +226,7 @@ class CurlingProxy:
         self._flip: Optional[tuple[int, int]] = None  # (payload offset, mask)
         self._garbage = False
         self._cut_at: Optional[int] = None
+        self._held: Optional[bytearray] = None  # frame held for a rewrite
         self._passthrough = False            # lost track of frames
         # receiver -> sender
         self._acks = bytearray()
@@ -214,6 +289,14 @@ class CurlingProxy:
         """
         assert cut in ("before", "header", "payload", "after"), cut
         return self._arm(Action("cut", frame_type, min_sequence, cut, rst))
+
+    def arm_rewrite(self, rewrite: Callable[[bytes], bytes],
+                    min_sequence: int = 0) -> Action:
+        """Replace the payload of the first checkpoint numbered
+        ``min_sequence`` or more by ``rewrite(payload)``, with a header
+        and checksums that match the new payload."""
+        return self._arm(Action("rewrite", CHECKPOINT, min_sequence,
+                                rewrite=rewrite))
 
     def _arm(self, action: Action) -> Action:
         with self._lock:
@@ -393,6 +476,13 @@ class CurlingProxy:
             chunk = bytearray(view[:take])
             view = view[take:]
             start = self._pos
+            if self._held is not None:
+                self._held += chunk
+                self._pos += len(chunk)
+                if self._pos == frame.size:
+                    out += self._rewritten(frame)
+                    self._end_frame()
+                continue
             if self._garbage:
                 chunk = bytearray(self.rng.randbytes(len(chunk)))
             if self._flip is not None:
@@ -455,6 +545,9 @@ class CurlingProxy:
             if hdr[:4] == struct.pack(">I", FRAME_MAGIC):
                 hdr = b"\0" + hdr[1:]
             result = {"garbage_bytes": frame.size}
+        elif action is not None and action.kind == "rewrite":
+            self._held = bytearray()
+            result = {"rewrite": True}
         elif action is not None and action.kind == "cut":
             if action.cut == "before":
                 self._cut_at = 0
@@ -490,18 +583,36 @@ class CurlingProxy:
             self._pos = self._cut_at
             self._do_cut(out)
             return True
-        out += hdr
         self._pos = FRAME_HDR_SIZE
+        if self._held is not None:
+            if self._pos == frame.size:
+                out += self._rewritten(frame)
+                self._end_frame()
+            return True
+        out += hdr
         if self._pos == frame.size:
             self._end_frame()
         return True
 
+    def _rewritten(self, frame: Frame) -> bytes:
+        """The held frame, its payload rewritten, with a matching header."""
+        assert self._held is not None and self._action is not None
+        assert self._action.rewrite is not None
+        payload = self._action.rewrite(bytes(self._held))
+        head = struct.pack(">IIQQI", FRAME_MAGIC, frame.type, frame.sequence,
+                           len(payload), crc32c(payload))
+        self.log.info("%s: rewrote %s %d: %d -> %d bytes", self.name,
+                      frame.type_name, frame.sequence, frame.length,
+                      len(payload))
+        return head + struct.pack(">I", crc32c(head)) + payload
+
     def _end_frame(self) -> None:
         assert self._frame is not None
         if (self._frame.type == CHECKPOINT and not self._garbage and
-                self._flip is None):
+                self._flip is None and self._held is None):
             self.last_checkpoint = self._frame.sequence
         self._frame = None
+        self._held = None
         self._pos = 0
 
     def _do_cut(self, out: bytearray) -> None:

@@ -360,6 +360,31 @@ class CurlingTest(avocado.Test):
             wait_until(lambda vm=vm: curling_info(vm)["status"] == "protecting",
                        timeout, f"{vm.name} protecting", 0.1)
 
+    @staticmethod
+    def curling_capability(vm: VM) -> bool:
+        """Whether ``vm``'s curling capability is on."""
+        caps = {c["capability"]: c["state"]
+                for c in vm.qmp("query-migrate-capabilities")}
+        return bool(caps.get("curling"))
+
+    def check_refused(self, vm: VM, uri: str, message: str,
+                      pattern: str) -> None:
+        """A ``migrate`` to ``uri`` was refused with ``message``: it says
+        what is wrong (``pattern``), and nothing started."""
+        self.log.info("migrate %s -> %s", uri, message)
+        self.assertTrue(message.strip(), f"migrate {uri}: empty error")
+        self.assertRegex(message, pattern,
+                         f"migrate {uri}: the error does not say what is "
+                         f"wrong")
+        status = vm.qmp("query-migrate").get("status", "none")
+        self.assertIn(status, ("none",),
+                      f"migrate {uri} left a migration {status}")
+        info = curling_info(vm)
+        self.assertIn(info["status"], ("none",),
+                      f"migrate {uri} left Curling {info['status']}")
+        self.assertEqual(vm.qmp("query-status")["status"], "running",
+                         f"migrate {uri} stopped the guest")
+
     def wait_checkpoints(self, vm: VM, count: int,
                          timeout: float = 60.0) -> dict[str, Any]:
         """Wait until ``vm`` has committed ``count`` more checkpoints;

@@ -26,7 +26,8 @@ from typing import Any, Optional
 
 from qemu.qmp import ExecuteError
 
-from curling_proxy import CHECKPOINT, HEARTBEAT, CurlingProxy
+from curling_proxy import (CHECKPOINT, HEARTBEAT, CurlingProxy,
+                           break_device_section, break_ram_record)
 from curling_test import (VM, CurlingTest, Tick, VMDied, curling_info,
                           free_tcp_port, wait_until)
 
@@ -167,6 +168,8 @@ class CurlingInputBase(CurlingTest):
         c = curling_info(sender)["sequence"]
         if how == "corrupt":
             proxy.arm_corrupt(min_sequence=c + 3)
+        elif how == "unappliable":
+            proxy.arm_rewrite(break_ram_record, min_sequence=c + 3)
         else:
             proxy.arm_garbage(min_sequence=c + 3)
         result = proxy.wait_action(timeout=30)
@@ -282,28 +285,6 @@ class CurlingInput(CurlingInputBase):
                          "capability on (the next ordinary migrate becomes "
                          "Curling or is refused) after: " + ", ".join(leaks))
 
-    @staticmethod
-    def curling_capability(vm: VM) -> bool:
-        caps = {c["capability"]: c["state"]
-                for c in vm.qmp("query-migrate-capabilities")}
-        return bool(caps.get("curling"))
-
-    def check_refused(self, vm: VM, uri: str, message: str,
-                      pattern: str) -> None:
-        self.log.info("migrate %s -> %s", uri, message)
-        self.assertTrue(message.strip(), f"migrate {uri}: empty error")
-        self.assertRegex(message, pattern,
-                         f"migrate {uri}: the error does not say what is "
-                         f"wrong")
-        status = vm.qmp("query-migrate").get("status", "none")
-        self.assertIn(status, ("none",),
-                      f"migrate {uri} left a migration {status}")
-        info = curling_info(vm)
-        self.assertIn(info["status"], ("none",),
-                      f"migrate {uri} left Curling {info['status']}")
-        self.assertEqual(vm.qmp("query-status")["status"], "running",
-                         f"migrate {uri} stopped the guest")
-
     def test_malformed_uris_receiver(self) -> None:
         """``-incoming`` with a curling: URI that is not tcp: or unix: makes
         QEMU exit with status 1 and an error naming the problem."""
@@ -362,6 +343,41 @@ class CurlingInput(CurlingInputBase):
         in error, no failover, last good checkpoint kept and runnable."""
         self.spoil_and_check("corrupt", r"(?i)checkpoint \d+ has a wrong "
                              r"checksum|checksum|crc")
+
+    def test_unappliable_checkpoint(self) -> None:
+        """A checkpoint with a valid checksum but a broken page record in
+        the middle of its RAM is refused before any of it is applied: the
+        receiver keeps the last good checkpoint whole, and runs it."""
+        self.spoil_and_check("unappliable", r"checkpoint \d+ cannot be "
+                             r"applied: .*RAM page flags")
+
+    def test_device_load_fails_at_failover(self) -> None:
+        """When the device state of the last committed checkpoint cannot
+        be loaded at failover (a section in the middle of it claims a
+        version this QEMU does not have), the receiver runs nothing: it
+        exits with the error instead of starting a guest whose devices
+        are half loaded."""
+        _, rng = seeded_rng(self)
+        sender, receiver, uri = self.launch_pair(append=APPEND)
+        proxy = self.proxy_to(uri, rng)
+        sender.wait_tick(5, timeout=BOOT_DEADLINE)
+        # A long interval: the sender is killed before the checkpoint
+        # after the spoiled one replaces its device state.
+        self.protect(sender, receiver, proxy.uri, curling_interval=3000)
+        self.wait_checkpoints(sender, 1)
+        c = curling_info(sender)["sequence"]
+        proxy.arm_rewrite(break_device_section, min_sequence=c + 1)
+        bad = proxy.wait_action(timeout=30)["sequence"]
+        wait_until(lambda: curling_info(sender)["sequence"] >= bad, 10,
+                   f"checkpoint {bad} to be committed")
+        self.assertEqual(curling_info(sender)["sequence"], bad)
+        sender.kill(signal.SIGKILL)
+
+        self.assert_clean_exit(
+            receiver, rf"loading the device state of checkpoint {bad} "
+            r"failed: .*unsupported version", "device state that cannot load")
+        self.assertEqual(receiver.ticks(), [],
+                         "the receiver ran a guest whose devices did not load")
 
     def test_garbage_frame(self) -> None:
         """A frame replaced by random bytes is discarded the same way."""

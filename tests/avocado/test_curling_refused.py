@@ -1,0 +1,117 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Configurations Curling cannot protect are refused before anything
+starts: migration capabilities whose machinery cannot run forever or would
+leave memory out of the checkpoints, the cpr modes, and devices whose state
+cannot be checkpointed again and again.
+
+Each refusal must say what is wrong, start no migration, leave the curling
+capability as it was, and leave the guest running.
+"""
+
+from __future__ import annotations
+
+from qemu.qmp import ExecuteError
+
+from curling_test import VM, CurlingTest, free_tcp_port
+
+#: Seconds from QEMU start to a ticking guest.
+BOOT_DEADLINE = 120.0
+
+APPEND = "curling.mode=dirty curling.rate=1"
+
+#: Capabilities Curling refuses; the ones not settable at all on this
+#: accelerator (dirty-limit needs KVM's dirty ring) are refused anyway.
+INCOMPATIBLE = ("postcopy-ram", "multifd", "auto-converge", "dirty-limit",
+                "x-ignore-shared", "dirty-bitmaps", "background-snapshot")
+#: Of those, the ones every accelerator lets a user set without Curling.
+SETTABLE = {"postcopy-ram", "multifd", "auto-converge", "x-ignore-shared",
+            "dirty-bitmaps"}
+
+#: Migration modes other than normal.
+CPR_MODES = ("cpr-reboot", "cpr-transfer", "cpr-exec")
+
+
+class CurlingRefused(CurlingTest):
+    """
+    :avocado: tags=arch:x86_64,curling,refused
+    """
+
+    def booted(self, name: str = "sender", **kwargs) -> VM:
+        vm = self.launch_vm(name, append=APPEND, **kwargs)
+        vm.wait_tick(2, timeout=BOOT_DEADLINE)
+        vm.qmp("migrate-set-parameters", max_bandwidth=self.BANDWIDTH)
+        return vm
+
+    @staticmethod
+    def set_capability(vm: VM, name: str, state: bool) -> None:
+        vm.qmp("migrate-set-capabilities",
+               capabilities=[{"capability": name, "state": state}])
+
+    def refused_migrate(self, vm: VM, what: str, pattern: str) -> None:
+        """``migrate curling:tcp:...`` is refused for ``what``; the port has
+        no listener, so a migration that started would fail later, not
+        at once."""
+        uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
+        with self.assertRaises(ExecuteError,
+                               msg=f"migrate with {what} was accepted") as cm:
+            vm.qmp("migrate", uri=uri)
+        self.check_refused(vm, f"{uri} with {what}", str(cm.exception),
+                           pattern)
+        self.assertFalse(self.curling_capability(vm),
+                         f"a refused migrate with {what} left the curling "
+                         f"capability on")
+
+    def test_incompatible_capabilities(self) -> None:
+        """Each incompatible capability is refused, whether it is set
+        before ``migrate curling:...`` or after the curling capability."""
+        vm = self.booted()
+        tested = set()
+        for cap in INCOMPATIBLE:
+            try:
+                self.set_capability(vm, cap, True)
+            except ExecuteError as exc:
+                self.log.info("%s cannot be set here: %s", cap, exc)
+                continue
+            self.refused_migrate(vm, cap, rf"Curling is not compatible "
+                                 rf"with {cap}")
+            self.set_capability(vm, cap, False)
+
+            self.set_capability(vm, "curling", True)
+            with self.assertRaises(ExecuteError,
+                                   msg=f"{cap} accepted with curling") as cm:
+                self.set_capability(vm, cap, True)
+            self.assertRegex(str(cm.exception),
+                             rf"Curling is not compatible with {cap}")
+            self.set_capability(vm, "curling", False)
+            tested.add(cap)
+        self.log.info("refused: %s", ", ".join(sorted(tested)))
+        self.assertLessEqual(SETTABLE, tested,
+                             "a capability settable everywhere was not "
+                             "tested")
+        self.assert_ticks_ok(vm)
+
+    def test_cpr_modes(self) -> None:
+        """The cpr modes are refused; back in normal mode Curling is not."""
+        vm = self.booted()
+        for mode in CPR_MODES:
+            try:
+                vm.qmp("migrate-set-parameters", mode=mode)
+            except ExecuteError as exc:
+                self.log.info("mode %s cannot be set here: %s", mode, exc)
+                continue
+            self.refused_migrate(vm, f"mode {mode}",
+                                 rf"Curling needs migration mode 'normal', "
+                                 rf"not '{mode}'")
+        vm.qmp("migrate-set-parameters", mode="normal")
+        self.assertEqual(vm.qmp("query-migrate-parameters")["mode"], "normal")
+        self.assert_ticks_ok(vm)
+
+    def test_virtio_mem(self) -> None:
+        """virtio-mem, whose state is loaded before RAM, is refused."""
+        vm = self.booted(mem="256M,maxmem=1G", extra_args=(
+            "-object", "memory-backend-ram,id=vmem0,size=128M",
+            "-device", "virtio-mem-pci,id=vmem,memdev=vmem0"))
+        self.refused_migrate(vm, "virtio-mem",
+                             r"Curling cannot protect a VM with '.*virtio-mem"
+                             r".*': its state must be loaded before RAM")
+        self.assert_ticks_ok(vm)
