@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import resource
 import signal
 import statistics
 import time
@@ -104,6 +105,33 @@ class CurlingControl(CurlingControlBase):
         self.assertEqual(curling_info(receiver)["status"], "cancelled")
         self.assertEqual(receiver.ticks(), [],
                          "the cancelled receiver ran the guest")
+
+    def test_sender_out_of_memory(self) -> None:
+        """A sender that cannot grow its checkpoint buffer ends protection
+        cleanly: it keeps running its guest, tells the receiver (which
+        keeps its copy paused, no failover) and says why; QEMU does not
+        abort."""
+        append = "curling.mode=dirty curling.rate=400 curling.mb=160"
+        sender, receiver, uri = self.launch_pair(append=append, mem="512M")
+        sender.wait_tick(3, timeout=BOOT_DEADLINE)
+        # Room for everything but a checkpoint of the 160 MiB the guest
+        # rewrites every second.
+        with open(f"/proc/{sender.pid}/status") as f:
+            vm_size = next(int(line.split()[1]) * 1024 for line in f
+                           if line.startswith("VmSize:"))
+        limit = vm_size + 48 * MiB
+        resource.prlimit(sender.pid, resource.RLIMIT_AS, (limit, limit))
+        self.protect(sender, receiver, uri, curling_interval=1000)
+
+        self.wait_curling_status(sender, "error", timeout=60)
+        error = sender.qmp("query-migrate").get("error-desc", "")
+        self.log.info("sender: %s", error)
+        self.assertRegex(error, r"cannot allocate \d+ bytes for a checkpoint")
+        self.wait_curling_status(receiver, "cancelled")
+        self.assertEqual(receiver.qmp("query-status")["status"], "paused")
+        self.assertEqual(self.failovers(receiver), [])
+        self.assertEqual(sender.qmp("query-status")["status"], "running")
+        self.assert_ticking(sender, since=sender.console_mark())
 
     def test_receiver_lost(self) -> None:
         """kill -9 the receiver: the sender reports the error and its guest
