@@ -35,7 +35,9 @@ import os
 import pathlib
 import struct
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
+
+from qemu.qmp import ExecuteError
 
 from curling_test import (BOOT_TIMEOUT, VM, CurlingTest, DeviceReport,
                           curling_info, wait_until)
@@ -64,6 +66,15 @@ RSS_WARMUP = 30.0
 #: state copy, checkpoint buffer or per-checkpoint allocation of a few
 #: kilobytes goes past it, while the allocator's noise (a few hundred kB
 #: taken and returned) stays below it over a minute.
+#:
+#: A per-checkpoint leak grows the receiver all the time, so it is judged
+#: on both halves of the window after the warm-up: memory that grows in
+#: both by more than the limit leaks.  A one-off step in one half is a
+#: high-water mark, not a leak: the receiver's frame buffer grows once to
+#: the largest checkpoint so far (measured: +4.3 MB at once, 80 s into a
+#: q35 run, when a checkpoint of ~4 MB came after a stall of the TCG
+#: sender, then flat again), and that would tip a slope over the whole
+#: window.  Every slope is logged and kept in rss.json all the same.
 RSS_SLOPE_LIMIT = 2.0
 #: Seconds for the guest's devices to show up and start moving.
 DEVICES_DEADLINE = 120.0
@@ -77,6 +88,8 @@ BALLOON_STEP = 64 << 20
 BALLOON_DEADLINE = 60.0
 #: Seconds between two bursts of input events to the USB devices.
 INPUT_INTERVAL = 1.0
+#: Attempts of one input event while the guest is stopped for checkpoints.
+INPUT_RETRIES = 50
 
 APPEND = "curling.mode=dirty curling.rate=2 curling.mb=16 curling.devices=1"
 
@@ -88,10 +101,11 @@ def matrix_seconds() -> float:
     if not value:
         return DEFAULT_SECONDS
     seconds = float(value)
-    if seconds <= RSS_WARMUP + 4 * RSS_INTERVAL:
-        raise ValueError(f"CURLING_MATRIX_SECONDS={value}: must be more than "
-                         f"{RSS_WARMUP + 4 * RSS_INTERVAL:g} s, for an RSS "
-                         "slope after the warm-up")
+    shortest = RSS_WARMUP + 12 * RSS_INTERVAL
+    if seconds < shortest:
+        raise ValueError(f"CURLING_MATRIX_SECONDS={value}: must be at least "
+                         f"{shortest:g} s, for RSS slopes over two halves "
+                         "after the warm-up")
     return seconds
 
 
@@ -108,6 +122,16 @@ def write_disk_image(path: pathlib.Path, size: int = DISK_SIZE) -> None:
 def mem_bytes(mem: str) -> int:
     units = {"M": 1 << 20, "G": 1 << 30}
     return int(mem[:-1]) * units[mem[-1]]
+
+
+def ppm_has_content(ppm: bytes) -> bool:
+    """A binary PPM (screendump's format) whose pixels are not all the
+    same: the console's text is on the screen."""
+    fields = ppm.split(maxsplit=4)
+    if len(fields) < 5 or fields[0] != b"P6":
+        return False
+    pixels = fields[4]
+    return len(pixels) >= 6 and pixels.count(pixels[:3]) * 3 != len(pixels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,10 +289,12 @@ class CurlingDevices(CurlingTest):
         ram = mem_bytes(cfg.mem)
         samples: dict[str, list[tuple[float, int, int]]] = {
             "receiver": [], "sender": []}
+        largest = 0
         next_sample = next_input = 0.0
         while (now := time.monotonic() - t_protect) < seconds:
             if now >= next_sample:
-                self.assert_protecting(sender, receiver)
+                largest = max(largest,
+                              self.assert_protecting(sender, receiver))
                 for vm in (receiver, sender):
                     smaps = pathlib.Path(f"/proc/{vm.pid}/smaps").read_text()
                     samples[vm.name].append((now, *rss_split(smaps, ram)))
@@ -283,20 +309,25 @@ class CurlingDevices(CurlingTest):
             self.log.info(
                 "%s: %s RSS %.1f -> %.1f MB (guest RAM %.1f -> %.1f MB); "
                 "slope after %g s: %.3f MB/min in all, guest RAM %.3f, "
-                "QEMU's own %.3f", cfg.name, name, s[0][1] / 1e6,
-                s[-1][1] / 1e6, s[0][2] / 1e6, s[-1][2] / 1e6, RSS_WARMUP,
-                slopes[name]["total"], slopes[name]["guest_ram"],
-                slopes[name]["own"])
-        self.log.info("%s: %d checkpoints in %g s", cfg.name, checkpoints,
-                      seconds)
-        slope = slopes["receiver"]["own"]
+                "QEMU's own %.3f (halves %.3f, %.3f)", cfg.name, name,
+                s[0][1] / 1e6, s[-1][1] / 1e6, s[0][2] / 1e6, s[-1][2] / 1e6,
+                RSS_WARMUP, slopes[name]["total"], slopes[name]["guest_ram"],
+                slopes[name]["own"], slopes[name]["own_first_half"],
+                slopes[name]["own_second_half"])
+        self.log.info("%s: %d checkpoints in %g s, the largest seen %d "
+                      "bytes", cfg.name, checkpoints, seconds, largest)
         own = [(t, total - guest) for t, total, guest in samples["receiver"]]
+        qemu = self.qemu_bin.stat()
         result = {
             "config": dataclasses.asdict(cfg),
+            "qemu": {"path": str(self.qemu_bin), "size": qemu.st_size,
+                     "mtime": time.strftime("%Y-%m-%dT%H:%M:%S",
+                                            time.localtime(qemu.st_mtime))},
             "accel": self.accel,
             "seconds": seconds,
             "boot_s": round(boot_s, 1),
             "checkpoints": checkpoints,
+            "largest_checkpoint_bytes": largest,
             "rss_warmup_s": RSS_WARMUP,
             "rss_slope_limit_mb_per_min": RSS_SLOPE_LIMIT,
             "rss_slopes_mb_per_min": slopes,
@@ -320,8 +351,8 @@ class CurlingDevices(CurlingTest):
             self.wait_balloon(receiver, target)
         screen = self.logdir_path / "receiver-screen.ppm"
         receiver.qmp("screendump", filename=str(screen))
-        self.assertGreater(screen.stat().st_size, 0,
-                           f"{receiver.name} dumped an empty screen")
+        self.assertTrue(ppm_has_content(screen.read_bytes()),
+                        f"{receiver.name}'s screen is blank: {screen}")
         self.assert_no_guest_errors(receiver)
         self.assert_ticks_ok(receiver)
         result["wall_s"] = round(time.monotonic() - t_start, 1)
@@ -329,43 +360,61 @@ class CurlingDevices(CurlingTest):
         self.log.info("%s: passed the failover checks; %.0f s in all",
                       cfg.name, result["wall_s"])
 
+        mine = slopes["receiver"]
         self.assertLess(
-            slope, RSS_SLOPE_LIMIT,
-            f"{receiver.name}'s own memory (RSS less guest RAM) grows by "
-            f"{slope:.2f} MB/min while protected ({own[0][1] / 1e6:.1f} -> "
-            f"{own[-1][1] / 1e6:.1f} MB over {seconds:g} s, "
-            f"{checkpoints} checkpoints): a per-checkpoint leak")
+            min(mine["own_first_half"], mine["own_second_half"]),
+            RSS_SLOPE_LIMIT,
+            f"{receiver.name}'s own memory (RSS less guest RAM) grows all "
+            f"the time while protected: {mine['own_first_half']:.2f} and "
+            f"{mine['own_second_half']:.2f} MB/min in the two halves after "
+            f"the warm-up ({mine['own']:.2f} in all; "
+            f"{own[0][1] / 1e6:.1f} -> {own[-1][1] / 1e6:.1f} MB over "
+            f"{seconds:g} s, {checkpoints} checkpoints): a per-checkpoint "
+            f"leak")
 
     # -- helpers ---------------------------------------------------------
 
     def rss_slopes(self, samples: list[tuple[float, int, int]]
                    ) -> dict[str, float]:
         """MB per minute of (time, RSS, guest RAM) samples past the
-        warm-up: in all, of guest RAM and of QEMU's own memory."""
+        warm-up: in all, of guest RAM and of QEMU's own memory, and of
+        QEMU's own memory in each half of the window."""
         kept = [s for s in samples if s[0] >= RSS_WARMUP]
-        self.assertGreaterEqual(len(kept), 3, "too few RSS samples")
+        self.assertGreaterEqual(len(kept), 6, "too few RSS samples")
+        half = len(kept) // 2
 
-        def slope(value: Callable[[int, int], int]) -> float:
+        def slope(value: Callable[[int, int], int],
+                  part: list[tuple[float, int, int]] = kept) -> float:
             return round(least_squares_slope(
                 [(t / 60, value(total, guest) / 1e6)
-                 for t, total, guest in kept]), 3)
+                 for t, total, guest in part]), 3)
+
+        def own(total: int, guest: int) -> int:
+            return total - guest
 
         return {"total": slope(lambda total, guest: total),
                 "guest_ram": slope(lambda total, guest: guest),
-                "own": slope(lambda total, guest: total - guest)}
+                "own": slope(own),
+                "own_first_half": slope(own, kept[:half]),
+                "own_second_half": slope(own, kept[half:])}
 
-    def assert_protecting(self, sender: VM, receiver: VM) -> None:
-        """Both sides still protect; else fail with what QEMU said."""
+    def assert_protecting(self, sender: VM, receiver: VM) -> int:
+        """Both sides still protect, else fail with what QEMU said;
+        returns the size of the sender's last checkpoint."""
         for vm in (receiver, sender):
             if not vm.is_running():
                 self.fail(f"{vm.name} died while protecting: "
                           f"{vm.qemu_output_tail(20)}")
+        last = 0
         for vm in (sender, receiver):
-            status = curling_info(vm)["status"]
-            if status != "protecting":
-                self.fail(f"{vm.name} stopped protecting ({status}); "
+            info = curling_info(vm)
+            if info["status"] != "protecting":
+                self.fail(f"{vm.name} stopped protecting ({info['status']}); "
                           f"sender: {sender.qemu_output_tail(10)!r}; "
                           f"receiver: {receiver.qemu_output_tail(10)!r}")
+            if vm is sender:
+                last = info.get("last-bytes", 0)
+        return last
 
     def assert_no_guest_errors(self, vm: VM) -> None:
         """No module failed to load, no device reported an error."""
@@ -445,13 +494,27 @@ class CurlingDevices(CurlingTest):
     def send_input(self, vm: VM) -> None:
         """A tablet move and a Shift key press and release."""
         x = int(time.monotonic() * 1000) % 32768
-        vm.qmp("input-send-event", events=[
+        self.input_event(vm, [
             {"type": "abs", "data": {"axis": "x", "value": x}},
             {"type": "abs", "data": {"axis": "y", "value": 32767 - x}}])
         for down in (True, False):
-            vm.qmp("input-send-event", events=[
+            self.input_event(vm, [
                 {"type": "key", "data": {"down": down, "key": {
                     "type": "qcode", "data": "shift"}}}])
+
+    def input_event(self, vm: VM, events: list[dict[str, Any]]) -> None:
+        """input-send-event, again when it meets the sender's guest
+        stopped for a checkpoint (QEMU refuses input while the VM is not
+        running, as during a migration's downtime)."""
+        for attempt in range(INPUT_RETRIES):
+            try:
+                vm.qmp("input-send-event", events=events)
+                return
+            except ExecuteError as exc:
+                if "not running" not in str(exc) or \
+                        attempt == INPUT_RETRIES - 1:
+                    raise
+                time.sleep(0.02)
 
     def wait_balloon(self, vm: VM, target: int,
                      timeout: float = BALLOON_DEADLINE) -> None:
