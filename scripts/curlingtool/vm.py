@@ -428,11 +428,13 @@ def guest_args(qemu: os.PathLike[str] | str, guest: GuestImage, name: str, *,
 
 
 def built_qemu_and_guest(repo: pathlib.Path) -> tuple[pathlib.Path, GuestImage]:
-    """build/bin/qemu-system-x86_64 and the test guest of ``repo``.
+    """build/bin/qemu-system-x86_64 (or ``$CURLING_QEMU``, as for the tests)
+    and the test guest of ``repo``.
 
     Raises CurlingError saying what to run when either is missing.
     """
-    qemu = repo / "build" / "bin" / "qemu-system-x86_64"
+    qemu = pathlib.Path(os.environ.get(
+        "CURLING_QEMU", repo / "build" / "bin" / "qemu-system-x86_64"))
     if not qemu.is_file():
         raise CurlingError(f"{qemu} not found: run python3 scripts/build.py first")
     try:
