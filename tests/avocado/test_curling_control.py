@@ -14,6 +14,8 @@ import statistics
 import time
 from typing import Any, Optional
 
+from qemu.qmp import ExecuteError
+
 from curling_test import VM, CurlingTest, Tick, curling_info, wait_until
 
 #: Seconds from QEMU start to a ticking guest.
@@ -473,3 +475,41 @@ class CurlingControl(CurlingControlBase):
         self.assertLess(stopped_mid, size_mid / 4,
                         "most of each checkpoint was copied with the guest "
                         "stopped: the live phase saved nothing")
+
+    # -- parameters over their whole range --------------------------------
+
+    def test_timeout_and_bandwidth_no_stall(self) -> None:
+        """curling-timeout 3000 with max-bandwidth 100 MiB/s, set while
+        protecting: checkpoints go on, and the receiver, which hears from
+        the sender all the time, never takes over."""
+        sender, receiver = self.start_protected()
+        for vm in (receiver, sender):
+            vm.qmp("migrate-set-parameters", curling_timeout=3000)
+        sender.qmp("migrate-set-parameters", max_bandwidth=100 * MiB)
+        self.wait_checkpoints(sender, 30, timeout=30)
+        time.sleep(4)       # longer than curling-timeout
+        self.assertEqual(self.failovers(receiver), [],
+                         "the receiver took over from a live sender")
+        self.assertEqual(curling_info(receiver)["status"], "protecting")
+        self.wait_checkpoints(sender, 10, timeout=10)
+        self.assertEqual(sender.qmp("query-status")["status"], "running")
+
+    def test_parameter_ranges(self) -> None:
+        """curling-timeout and curling-interval take their documented
+        ranges and refuse what is outside with an error naming them."""
+        vm = self.launch_vm("sender", append=self.APPEND)
+        for name, good, bad in (("curling-timeout", (200, 600000),
+                                 (0, 199, 600001, 2 ** 31, 2 ** 32 - 1)),
+                                ("curling-interval", (0, 600000),
+                                 (600001, 2 ** 31, 2 ** 32 - 1))):
+            for value in good:
+                vm.qmp("migrate-set-parameters", {name: value})
+                self.assertEqual(
+                    vm.qmp("query-migrate-parameters")[name], value)
+            for value in bad:
+                with self.assertRaises(ExecuteError,
+                                       msg=f"{name}={value} accepted") as cm:
+                    vm.qmp("migrate-set-parameters", {name: value})
+                self.assertRegex(str(cm.exception), name.replace("-", "_"))
+                self.assertEqual(
+                    vm.qmp("query-migrate-parameters")[name], good[-1])
