@@ -5,10 +5,13 @@ leave memory out of the checkpoints, the cpr modes, and devices whose state
 cannot be checkpointed again and again.
 
 Each refusal must say what is wrong, start no migration, leave the curling
-capability as it was, and leave the guest running.
+capability as it was, and leave the guest running.  (VFIO devices, also
+refused, cannot be created on these machines.)
 """
 
 from __future__ import annotations
+
+import subprocess
 
 from qemu.qmp import ExecuteError
 
@@ -114,4 +117,19 @@ class CurlingRefused(CurlingTest):
         self.refused_migrate(vm, "virtio-mem",
                              r"Curling cannot protect a VM with '.*virtio-mem"
                              r".*': its state must be loaded before RAM")
+        self.assert_ticks_ok(vm)
+
+    def test_migration_blocker(self) -> None:
+        """A device that blocks migration (a disk in the vdi format)
+        blocks Curling with the blocker's own reason."""
+        assert self._tmpdir is not None
+        image = self._tmpdir / "disk.vdi"
+        subprocess.run([str(self.qemu_bin.parent / "qemu-img"), "create",
+                        "-q", "-f", "vdi", str(image), "16M"], check=True)
+        vm = self.booted(extra_args=(
+            "-drive", f"if=none,id=vdi0,format=vdi,file={image}",
+            "-device", "virtio-blk-pci,drive=vdi0"))
+        self.refused_migrate(vm, "a vdi disk",
+                             r"vdi format .* does not support live "
+                             r"migration")
         self.assert_ticks_ok(vm)
