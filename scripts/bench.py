@@ -9,7 +9,9 @@ Compares, on this machine, in one run: the guest unprotected, protected by
 Curling, and protected by QEMU's COLO in periodic mode (with and without
 TCP_NODELAY on its socket), over checkpoint intervals and guest workloads.
 Writes raw samples (bench.json), a markdown report (README.md) and plots
-to --out (default docs/benchmarks/). It asserts nothing: read the report.
+to --out (default docs/benchmarks/, where the committed full report lives;
+build/bench-quick/ for --quick, so that a smoke run never overwrites it).
+It asserts nothing: read the report.
 See scripts/curlingtool/bench.py for what is measured and how.
 """
 
@@ -50,7 +52,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None,
                    help="Curling repetitions (interleaved with unprotected)")
     p.add_argument("--failover-rounds", type=int, default=None)
-    p.add_argument("--out", default=str(REPO / "docs" / "benchmarks"))
+    p.add_argument("--out", default=None,
+                   help="report folder (default docs/benchmarks/; "
+                   "build/bench-quick/ with --quick)")
     p.add_argument("--accel", default=os.environ.get("CURLING_ACCEL", "tcg"),
                    help="tcg (default here) or kvm")
     p.add_argument("--from-json", metavar="BENCH_JSON",
@@ -58,6 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "again from the raw samples of an earlier run")
     args = p.parse_args(argv)
     quick = args.quick
+    args.out = args.out or str(REPO / ("build/bench-quick" if quick
+                                       else "docs/benchmarks"))
     args.systems = (args.systems or ("curling,colo-nodelay" if quick
                                      else ",".join(bench.SYSTEMS))).split(",")
     args.workloads = (args.workloads or ("counter,dirty-10" if quick
