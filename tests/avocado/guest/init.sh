@@ -8,6 +8,8 @@
 #   curling.vga=1          also copy the workload's output to the VGA text
 #                          console (/dev/tty0), with the cursor hidden
 #   curling.modules=0      do not load the kernel modules of the initramfs
+#   curling.ip=ADDR/LEN    configure eth0 with this address
+#   curling.serve=1        also run curling-netserve (network services)
 # Every other curling.* option is read by the workload from /proc/cmdline.
 #
 # The kernel modules in /lib/modules are loaded first, in the order of
@@ -26,12 +28,16 @@ workload=curling-counter
 mode=
 vga=
 modules=1
+ip=
+serve=
 for opt in $(cat /proc/cmdline); do
     case "$opt" in
     curling.workload=*) workload="${opt#curling.workload=}" ;;
     curling.mode=*) mode="${opt#curling.mode=}" ;;
     curling.vga=*) vga="${opt#curling.vga=}" ;;
     curling.modules=*) modules="${opt#curling.modules=}" ;;
+    curling.ip=*) ip="${opt#curling.ip=}" ;;
+    curling.serve=*) serve="${opt#curling.serve=}" ;;
     esac
 done
 
@@ -44,6 +50,15 @@ if [ "$modules" != 0 ] && [ -r /lib/modules/load-order ]; then
         insmod "/lib/modules/$ko" >/dev/null 2>&1 ||
             echo "curling: module ${ko%.ko} failed" >"$console"
     done </lib/modules/load-order
+fi
+
+ip link set lo up 2>/dev/null
+if [ -n "$ip" ]; then
+    { ip addr add "$ip" dev eth0 && ip link set eth0 up; } >/dev/null 2>&1 ||
+        echo "curling: cannot configure eth0 with $ip" >"$console"
+fi
+if [ "$serve" = 1 ]; then
+    /bin/curling-netserve >"$console" 2>&1 &
 fi
 
 if [ "$mode" = shell ]; then
