@@ -38,6 +38,8 @@ PACKAGES: tuple[tuple[str, str], ...] = (
     ("xz-utils", "Debian package extraction"),
     ("busybox-static", "test guest userland"),
     ("cpio", "test guest initramfs"),
+    # network tests: namespace, bridge, taps (ip, bridge)
+    ("iproute2", "network namespaces, bridges and taps of the network tests"),
     # test runtime firmware (--firmwarepath)
     ("seabios", "x86 BIOS"),
     ("ipxe-qemu", "NIC option ROMs"),
