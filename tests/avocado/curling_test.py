@@ -11,7 +11,9 @@
 * named VMs (``launch_vm('sender')``) with a QMP monitor on a unix socket,
   QMP events kept for ``wait_event()``, and the serial console captured to
   ``<test logdir>/<name>-console.log`` and parsed into ticks;
-* waits with deadlines, and cleanup that kills every process it started.
+* waits with deadlines, and cleanup that kills every process it started;
+* for network tests, a private network namespace (``netlab()``: a bridge,
+  one tap per QEMU, clients inside it), deleted on every path.
 
 Guest tests run one at a time even when avocado runs tasks in parallel: a
 lock in ``build/`` serialises them, since timing-sensitive guests share the
@@ -39,6 +41,9 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 from curlingtool.guest import GuestError, GuestImage, build_guest  # noqa: E402
+from curlingtool.netlab import (GUEST_IP, GUEST_MAC, PREFIX,  # noqa: E402
+                                NetClient, NetLab, NetLabError,
+                                check_available, netdev_args)
 from curlingtool.vm import (VM, DeviceReport, Tick, VMDied,  # noqa: E402,F401
                             WaitTimeout, free_tcp_port, guest_args,
                             parse_ticks, wait_until)  # noqa: F401
@@ -94,6 +99,7 @@ class CurlingTest(avocado.Test):
 
     def setUp(self) -> None:
         self.vms: dict[str, VM] = {}
+        self._netlab: Optional[NetLab] = None
         self._lock_file: Optional[Any] = None
         self._tmpdir: Optional[pathlib.Path] = None
         self.logdir_path = pathlib.Path(self.logdir)
@@ -119,6 +125,9 @@ class CurlingTest(avocado.Test):
         for vm in self.vms.values():
             if vm._proc is not None:
                 vm.kill()
+        if self._netlab is not None:
+            self._netlab.down()
+            self._netlab = None
         for vm in self.vms.values():
             self.log.debug("%s console tail:\n%s", vm.name,
                            "\n".join(vm.console().splitlines()[-5:]))
@@ -205,7 +214,8 @@ class CurlingTest(avocado.Test):
                  append: str = "curling.mode=dirty curling.rate=1",
                  extra_args: Iterable[str] = (),
                  cpu_affinity: Optional[Iterable[int]] = None,
-                 smp: int = 1, defaults: bool = False) -> VM:
+                 smp: int = 1, defaults: bool = False,
+                 netns: bool = False) -> VM:
         stem = name
         n = 2
         while (self.logdir_path / f"{stem}-console.log").exists():
@@ -221,6 +231,8 @@ class CurlingTest(avocado.Test):
                           incoming=incoming, mem=mem, machine=machine,
                           append=append, extra_args=extra_args,
                           smp=smp, defaults=defaults)
+        if netns:
+            args = self.netlab().wrap(args)
         return VM(name, args, console, qemu_log, qmp_path, self.log,
                   cpu_affinity)
 
@@ -229,7 +241,8 @@ class CurlingTest(avocado.Test):
                   append: str = "curling.mode=dirty curling.rate=1",
                   extra_args: Iterable[str] = (),
                   cpu_affinity: Optional[Iterable[int]] = None,
-                  smp: int = 1, defaults: bool = False) -> VM:
+                  smp: int = 1, defaults: bool = False,
+                  netns: bool = False) -> VM:
         """Start a QEMU running the test guest; returns once QMP is up.
 
         Sender and receiver of a migration must be launched with the same
@@ -237,14 +250,14 @@ class CurlingTest(avocado.Test):
         ``defaults``; only ``incoming`` differs. ``cpu_affinity`` pins the
         process to host CPUs (e.g. ``{0}`` and ``{1}`` to model two hosts).
         ``defaults`` keeps the machine's default devices (see
-        ``guest_args``).
+        ``guest_args``). ``netns`` runs it inside ``netlab()``.
         """
         if name in self.vms and self.vms[name].is_running():
             raise ValueError(f"a VM called {name} is already running")
         vm = self._make_vm(name, accel=self.accel, incoming=incoming, mem=mem,
                            machine=machine, append=append,
                            extra_args=extra_args, cpu_affinity=cpu_affinity,
-                           smp=smp, defaults=defaults)
+                           smp=smp, defaults=defaults, netns=netns)
         self.vms[name] = vm
         vm.launch()
         return vm
@@ -301,14 +314,16 @@ class CurlingTest(avocado.Test):
                     extra_args: Iterable[str] = (),
                     unix: bool = False, mem: str = "256M", smp: int = 1,
                     defaults: bool = False,
-                    side_args: Optional[SideArgs] = None
+                    side_args: Optional[SideArgs] = None,
+                    netns: bool = False
                     ) -> tuple[VM, VM, str]:
         """Start a sender and a receiver listening on ``curling:...``.
 
         Returns (sender, receiver, uri). The sender is pinned to host CPU
         0 and the receiver to CPU 1 where there are two, to model two
         hosts. ``side_args(name)`` adds arguments of one side only after
-        ``extra_args`` (each side's own disk images).
+        ``extra_args`` (each side's own disk images). ``netns`` runs
+        both inside ``netlab()``.
         """
         extra_args = tuple(extra_args)
 
@@ -325,16 +340,19 @@ class CurlingTest(avocado.Test):
         sender = self.launch_vm("sender", machine=machine, append=append,
                                 extra_args=args("sender"),
                                 cpu_affinity={cpus[0]} if pin else None,
-                                mem=mem, smp=smp, defaults=defaults)
+                                mem=mem, smp=smp, defaults=defaults,
+                                netns=netns)
         receiver = self.launch_vm("receiver", incoming=uri, machine=machine,
                                   append=append, extra_args=args("receiver"),
                                   cpu_affinity={cpus[1]} if pin else None,
-                                  mem=mem, smp=smp, defaults=defaults)
+                                  mem=mem, smp=smp, defaults=defaults,
+                                  netns=netns)
         return sender, receiver, uri
 
     def new_receiver(self, name: str, sender: VM, machine: str = "pc",
                      append: str = "curling.mode=dirty curling.rate=4",
-                     extra_args: Iterable[str] = ()) -> tuple[VM, str]:
+                     extra_args: Iterable[str] = (),
+                     netns: bool = False) -> tuple[VM, str]:
         """A fresh receiver for ``sender`` (e.g. a failed-over receiver
         that protects its guest again), on the other host CPU; returns it
         and its curling: URI."""
@@ -345,8 +363,75 @@ class CurlingTest(avocado.Test):
             affinity = {next(c for c in cpus if c not in sender.cpu_affinity)}
         receiver = self.launch_vm(name, incoming=uri, machine=machine,
                                   append=append, extra_args=extra_args,
-                                  cpu_affinity=affinity)
+                                  cpu_affinity=affinity, netns=netns)
         return receiver, uri
+
+    # -- network ----------------------------------------------------------
+
+    #: Kernel command line of a guest that serves on the lab's network.
+    NET_APPEND = (f"curling.mode=dirty curling.rate=4 curling.serve=1 "
+                  f"curling.ip={GUEST_IP}/{PREFIX}")
+
+    def netlab(self) -> NetLab:
+        """This test's network namespace (bridge 10.0.0.1/24), made on
+        first use and deleted, with its taps and clients, in tearDown."""
+        if self._netlab is None:
+            why = check_available()
+            if why:
+                self.cancel(f"no network namespace: {why}")
+            lab = NetLab(f"curling-{os.getpid()}")
+            try:
+                lab.up()
+            except NetLabError as exc:
+                self.cancel(f"no network namespace: {exc}")
+            self._netlab = lab
+        return self._netlab
+
+    def nic_args(self, name: str, model: str = "virtio-net-pci",
+                 netdev_opts: str = "") -> list[str]:
+        """The guest's NIC for the VM ``name``: a tap of its own in the
+        lab's bridge, the guest's MAC (the same on every side)."""
+        tap = self.netlab().add_tap(f"tap-{name}"[:15])
+        return netdev_args(tap, model=model, netdev_opts=netdev_opts)
+
+    def launch_net_pair(self, model: str = "virtio-net-pci",
+                        append: Optional[str] = None
+                        ) -> tuple[VM, VM, str]:
+        """A sender and receiver whose guest serves on the lab's network
+        through a ``model`` NIC, each QEMU on its own tap."""
+        return self.launch_pair(append=append or self.NET_APPEND,
+                                side_args=lambda n: self.nic_args(n, model),
+                                netns=True)
+
+    def new_net_receiver(self, name: str, sender: VM,
+                         model: str = "virtio-net-pci",
+                         append: Optional[str] = None) -> tuple[VM, str]:
+        """A fresh receiver on a tap of its own for ``sender``."""
+        return self.new_receiver(name, sender, append=append or
+                                 self.NET_APPEND,
+                                 extra_args=self.nic_args(name, model),
+                                 netns=True)
+
+    def net_client(self, mode: str, connections: int = 1,
+                   rcvbuf: int = 0) -> NetClient:
+        """A client of the guest's ``mode`` service, running in the lab
+        until ``stop()``; killed in tearDown at the latest."""
+        status = self.logdir_path / f"client-{mode}.json"
+        return NetClient(self.netlab(), mode, status, connections,
+                         rcvbuf=rcvbuf)
+
+    def wait_client(self, client: NetClient, items: int,
+                    timeout: float = BOOT_TIMEOUT) -> dict[str, Any]:
+        """Wait until ``client`` has received ``items`` more items."""
+        start = client.status().get("items", 0)
+
+        def done() -> Optional[dict[str, Any]]:
+            st = client.status()
+            if st.get("fatal"):
+                raise AssertionError(f"{st['mode']} client: {st['fatal']}")
+            return st if st.get("items", 0) >= start + items else None
+
+        return wait_until(done, timeout, f"{items} items at the client", 0.1)
 
     def protect(self, sender: VM, receiver: VM, uri: str,
                 timeout: float = 120.0, **params: Any) -> None:

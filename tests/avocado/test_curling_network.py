@@ -1,0 +1,202 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Network output commit: nothing the guest sends leaves the sender before
+the checkpoint that produced it is committed.
+
+The guest runs ``curling-netserve`` behind a NIC on a tap of a bridge in a
+private network namespace; each QEMU has its own tap, the guest the same
+MAC on both. Clients inside the namespace check, as a user's program
+would, that what they received was never contradicted by the guest that
+took over: a TCP stream whose lines parse and count up one by one, replies
+whose numbers never repeat, datagrams whose numbers only go up.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+from qemu.qmp import ExecuteError
+
+from curling_test import (GUEST_MAC, CurlingTest, curling_info,
+                          free_tcp_port, netdev_args, wait_until)
+
+#: Seconds from QEMU start to a guest that serves.
+BOOT_DEADLINE = 120.0
+#: Items a client must receive to count a service as flowing.
+FLOWING = 30
+
+
+class CurlingNetwork(CurlingTest):
+    """
+    :avocado: tags=arch:x86_64,curling,network
+    """
+
+    ROUNDS = 3
+
+    def kill_rounds(self, mode: str, connections: int = 1,
+                    model: str = "virtio-net-pci",
+                    rounds: int = ROUNDS) -> dict:
+        """Protect the serving guest, kill -9 the sender at a random
+        moment, let the receiver take over; ``rounds`` times, chained.
+        The client of ``mode`` runs throughout; returns its final status
+        after checking that it saw no error."""
+        seed = int(os.environ.get("CURLING_SEED", time.time_ns() % 2**32))
+        self.log.info("random seed %d (set CURLING_SEED=%d to replay)",
+                      seed, seed)
+        rng = random.Random(seed)
+        lab = self.netlab()
+        sender, receiver, uri = self.launch_net_pair(model)
+        sender.wait_tick(2, timeout=BOOT_DEADLINE)
+        client = self.net_client(mode, connections)
+        self.wait_client(client, FLOWING)
+        for rnd in range(1, rounds + 1):
+            label = f"{mode} round {rnd}/{rounds} (seed {seed})"
+            started = time.monotonic()
+            self.protect(sender, receiver, uri)
+            protected = time.monotonic()
+            self.wait_client(client, FLOWING, timeout=60)
+            info = curling_info(sender)
+            self.log.info("%s: protecting after %.1f s, output flowing %.1f s "
+                          "later; %d checkpoints (%d by output), held %d, "
+                          "released %d, dropped %d, release delay max %s ms",
+                          label, protected - started,
+                          time.monotonic() - protected, info["checkpoints"],
+                          info["output-checkpoints"], info["held-packets"],
+                          info["released-packets"], info["dropped-packets"],
+                          info.get("release-delay-max"))
+            self.kill_round(sender, receiver, rng.uniform(0.2, 2.0), label)
+            tap = f"tap-{receiver.name}"[:15]
+            wait_until(lambda: lab.fdb_port(GUEST_MAC) == tap, 10,
+                       f"the bridge to learn the guest's MAC on {tap}", 0.1)
+            st = self.wait_client(client, FLOWING, timeout=60)
+            self.log.info("%s: client %d items, longest gap %.3f s, "
+                          "errors %s", label, st["items"], st["max_gap"],
+                          st["errors"])
+            self.assertEqual(st["errors"], [], f"{label}: {mode} client")
+            if rnd < rounds:
+                sender = receiver
+                receiver, uri = self.new_net_receiver(f"receiver{rnd + 1}",
+                                                      sender, model)
+        st = client.stop()
+        self.assertEqual(st["fatal"], [], f"{mode} client")
+        self.assertEqual(st["errors"], [], f"{mode} client")
+        self.assertEqual(st["error_count"], 0, f"{mode} client")
+        return st
+
+    def test_tcp_stream_survives_kill(self) -> None:
+        """A TCP stream from the guest goes on across kill -9 failovers
+        with no byte lost, repeated or changed; the bridge moves the
+        guest's MAC to the receiver's tap by itself."""
+        self.kill_rounds("stream")
+
+    def test_request_response_survives_kill(self) -> None:
+        """Four connections of requests and replies: after each failover
+        no reply repeats or contradicts an earlier one."""
+        self.kill_rounds("rr", connections=4)
+
+    def test_udp_no_uncommitted_datagram(self) -> None:
+        """No datagram sent in an epoch that was never committed reaches
+        the client: sequence numbers only go up across failovers."""
+        st = self.kill_rounds("udp")
+        self.log.info("datagrams received %d, lost %d", st["items"],
+                      st["lost"])
+
+    def test_e1000e_stream_survives_kill(self) -> None:
+        """The TCP stream through an emulated e1000e."""
+        self.kill_rounds("stream", model="e1000e", rounds=1)
+
+    def test_cancel_releases_held_output(self) -> None:
+        """With a long interval and no output-triggered checkpoint, output
+        stays held; migrate_cancel lets it out, in order, and the guest
+        serves on unprotected."""
+        sender, receiver, uri = self.launch_net_pair()
+        sender.wait_tick(2, timeout=BOOT_DEADLINE)
+        client = self.net_client("stream")
+        self.wait_client(client, FLOWING)
+        self.protect(sender, receiver, uri, curling_interval=60000,
+                     curling_output_delay=600000)
+        time.sleep(1.0)
+        seen = client.status()["items"]
+        time.sleep(2.0)
+        held = curling_info(sender)
+        self.log.info("held: %s", {k: v for k, v in held.items()
+                                   if "held" in k or "released" in k})
+        self.assertEqual(client.status()["items"], seen,
+                         "output left the sender before its checkpoint "
+                         "was committed")
+        self.assertGreater(held["held-packets"], 0)
+        self.assertEqual(held["dropped-packets"], 0)
+
+        sender.qmp("migrate_cancel")
+        self.wait_client(client, FLOWING, timeout=30)
+        after = curling_info(sender)
+        self.assertEqual(after["status"], "cancelled")
+        self.assertEqual(after["held-packets"], 0)
+        self.assertGreaterEqual(after["released-packets"],
+                                held["held-packets"])
+        # The receiver keeps the guest paused at the last checkpoint.
+        self.assertEqual(receiver.qmp("query-status")["status"], "paused")
+        st = client.stop()
+        self.assertEqual(st["fatal"], [])
+        self.assertEqual(st["errors"], [])
+
+    def test_output_limit_starts_checkpoint(self) -> None:
+        """A bulk TCP transfer held under a small curling-output-limit
+        starts checkpoints early instead of losing packets.
+
+        The client's receive buffer (256 KiB, which Linux doubles) bounds
+        the TCP window, hence what the guest can have in flight, between
+        half the limit and the limit; the interval is long and
+        output-delay off, so only the limit can start checkpoints."""
+        sender, receiver, uri = self.launch_net_pair()
+        sender.wait_tick(2, timeout=BOOT_DEADLINE)
+        client = self.net_client("bulk", rcvbuf=256 * 1024)
+        self.wait_client(client, 100)
+        self.protect(sender, receiver, uri, curling_interval=60000,
+                     curling_output_delay=600000,
+                     curling_output_limit=448 * 1024)
+        before = client.status()["bytes"]
+        time.sleep(5.0)
+        info = curling_info(sender)
+        st = client.stop()
+        self.assertGreater(st["bytes"], before, "the transfer stalled")
+        self.log.info("bulk: %s; sender: %d checkpoints, %d by the limit, "
+                      "%d packets dropped", st, info["checkpoints"],
+                      info["limit-checkpoints"], info["dropped-packets"])
+        self.assertEqual(st["errors"], [])
+        self.assertGreater(info["limit-checkpoints"], 0,
+                           "held output never started a checkpoint")
+        self.assertEqual(info["output-checkpoints"], 0)
+        self.assertEqual(info["dropped-packets"], 0)
+
+    def test_unholdable_nic_refused(self) -> None:
+        """A NIC whose output a filter cannot see (several queues; vhost
+        where /dev/vhost-net exists) is refused at migrate, by name."""
+        lab = self.netlab()
+        tap = lab.add_tap("tap-mq", multi_queue=True)
+        args = netdev_args(tap, model="virtio-net-pci",
+                           netdev_opts="queues=2")
+        args[-1] += ",mq=on,vectors=6"
+        sender = self.launch_vm("sender", append=self.NET_APPEND,
+                                extra_args=args, netns=True)
+        sender.wait_tick(2, timeout=BOOT_DEADLINE)
+        uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
+        with self.assertRaises(ExecuteError) as cm:
+            sender.qmp("migrate", uri=uri)
+        self.check_refused(sender, uri, str(cm.exception),
+                           r"NIC 'nic0'.*2 queues")
+        if not os.path.exists("/dev/vhost-net"):
+            self.log.info("no /dev/vhost-net here: vhost not tried")
+            return
+        sender.kill()
+        tap = lab.add_tap("tap-vhost")
+        vhost = self.launch_vm("vhost", append=self.NET_APPEND,
+                               extra_args=netdev_args(
+                                   tap, netdev_opts="vhost=on"),
+                               netns=True)
+        vhost.wait_tick(2, timeout=BOOT_DEADLINE)
+        with self.assertRaises(ExecuteError) as cm:
+            vhost.qmp("migrate", uri=uri)
+        self.check_refused(vhost, uri, str(cm.exception),
+                           r"NIC 'nic0'.*vhost=off")
