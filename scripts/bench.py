@@ -18,6 +18,7 @@ See scripts/curlingtool/bench.py for what is measured and how.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import os
@@ -33,7 +34,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 from curlingtool import CurlingError  # noqa: E402
-from curlingtool import bench  # noqa: E402
+from curlingtool import bench, netbench  # noqa: E402
 from curlingtool.vm import built_qemu_and_guest  # noqa: E402
 
 
@@ -52,6 +53,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None,
                    help="Curling repetitions (interleaved with unprotected)")
     p.add_argument("--failover-rounds", type=int, default=None)
+    p.add_argument("--net-intervals", default=None,
+                   help="intervals (ms) of the network service rows; 'none' "
+                   "skips them (they need root and iproute2)")
     p.add_argument("--out", default=None,
                    help="report folder (default docs/benchmarks/; "
                    "build/bench-quick/ with --quick)")
@@ -73,6 +77,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.window = args.window or (3.0 if quick else 5.0)
     args.reps = args.reps or (1 if quick else 3)
     args.failover_rounds = args.failover_rounds or (3 if quick else 10)
+    net = args.net_intervals or ("100" if quick else "25,50,100,200")
+    args.net_intervals = ([] if net == "none"
+                          else [int(i) for i in net.split(",")])
     for name in args.systems:
         if name not in bench.SYSTEMS:
             p.error(f"unknown system {name!r}")
@@ -84,14 +91,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def report(out: pathlib.Path, meta: dict, windows: list[bench.Window],
            failover: dict[str, list[float]],
-           progress: Callable[[str], None]) -> None:
+           progress: Callable[[str], None],
+           net: list[dict] | None = None) -> None:
     """Summary, targets, JSON, plots and the markdown report, into out."""
+    net = net or []
     rows = bench.summarise(windows, meta["memcpy_gb_s"] * 1e9)
     meta["noise"] = bench.noise_floor(windows)
-    targets = bench.check_targets(rows, failover, meta["mem"])
-    bench.write_json(out / "bench.json", meta, windows, failover, targets)
+    net_targets = netbench.net_targets(net) if net else []
+    targets = bench.check_targets(rows, failover, meta["mem"]) + net_targets
+    bench.write_json(out / "bench.json", meta, windows, failover, targets,
+                     net)
     plots = bench.plot(out, rows, windows)
-    bench.write_report(out / "README.md", meta, rows, failover, plots)
+    bench.write_report(out / "README.md", meta, rows, failover, plots,
+                       extra_targets=net_targets,
+                       sections=netbench.net_report(net))
     for t in targets:
         progress(f"target {t['verdict'].strip('*')}: {t['target']}: {t['detail']}")
     progress(f"report: {out / 'README.md'}")
@@ -108,7 +121,8 @@ def main(argv: list[str]) -> int:
             print(f"error: {args.from_json}: not a benchmark result ({exc})")
             return 1
         out.mkdir(parents=True, exist_ok=True)
-        report(out, meta, windows, failover, print)
+        report(out, meta, windows, failover, print,
+               bench.read_net_json(pathlib.Path(args.from_json)))
         return 0
     try:
         qemu, guest = built_qemu_and_guest(REPO)
@@ -141,6 +155,7 @@ def main(argv: list[str]) -> int:
     }
     windows: list[bench.Window] = []
     failover: dict[str, list[float]] = {}
+    net: list[dict] = []
     try:
         for system in args.systems:
             for workload in args.workloads:
@@ -153,6 +168,13 @@ def main(argv: list[str]) -> int:
             failover["SIGSTOP (silent, curling-timeout "
                      f"{bench.FAILOVER_TIMEOUT_MS} ms)"] = runner.failover(
                 signal.SIGSTOP, args.failover_rounds)
+        if args.net_intervals:
+            bench.write_json(out / "bench.json", meta, windows, failover)
+            nb = netbench.NetBench(qemu, guest, workdir, args.accel,
+                                   max(args.window, 5.0), bench.MEM,
+                                   runner.cpus, progress)
+            net = [dataclasses.asdict(p)
+                   for p in nb.run(args.net_intervals)]
     except (CurlingError, AssertionError) as exc:
         print(f"error: {exc} (QEMU logs kept in {workdir}; samples measured "
               f"so far in {out / 'bench.json'}: --from-json reports them)")
@@ -160,7 +182,7 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"interrupted (QEMU logs in {workdir})")
         return 130
-    report(out, meta, windows, failover, progress)
+    report(out, meta, windows, failover, progress, net)
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

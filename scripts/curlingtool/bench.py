@@ -15,9 +15,9 @@ are measured on it, protected and unprotected in turn:
   Curling is protected and unprotected again for every window (ABAB), COLO
   cannot be, so its windows of all intervals sit between two unprotected
   ones;
-* guest pause per checkpoint, from the STOP/RESUME QMP events of the
-  sender (both Curling and COLO stop and resume the VM at a checkpoint),
-  and for Curling where it goes, from trace event curling_stop_phase;
+* guest pause per checkpoint and where it goes: for Curling from the
+  sender's trace event curling_stop_phase (its pauses emit no QMP event),
+  for COLO from the STOP/RESUME QMP events of the primary;
 * checkpoints, their bytes and the bandwidth used (TCP bytes the sender
   sent, per ss(8));
 * CPU time of each side (/proc/PID/stat) and the receiver's RSS.
@@ -209,6 +209,13 @@ def stop_phases(log_text: str) -> list[tuple[int, int, int, int, int]]:
             for m in STOP_PHASE_RE.finditer(log_text)]
 
 
+def phase_pauses(phases: list[tuple[int, int, int, int, int]]) -> list[float]:
+    """Pauses in ms from ``curling_stop_phase`` lines: stop, RAM, devices
+    and start are the whole time the VM is stopped."""
+    return [(stop + ram + devices + start) / 1000.0
+            for stop, ram, devices, start, _bytes in phases]
+
+
 def set_baselines(seq: list[Window]) -> None:
     """Give each protected window of the chronological ``seq`` the mean
     unprotected throughput of the nearest unprotected window before it and
@@ -337,10 +344,12 @@ class Bench:
         if not ticked:
             # protected so heavily that the guest made no visible progress
             self.progress(f"{sender.name}: the guest did not tick in this window")
-        pauses = self._pauses(sender.events)
         with sender.qemu_log_path.open("rb") as f:
             f.seek(log_pos)
             phases = stop_phases(f.read().decode(errors="replace"))
+        # Curling pauses quietly (no STOP/RESUME): its trace times each pause.
+        pauses = (phase_pauses(phases) if system == "curling"
+                  else self._pauses(sender.events))
         if info0 and info1 and info1["checkpoints"] > info0["checkpoints"]:
             checkpoints = info1["checkpoints"] - info0["checkpoints"]
         else:
@@ -555,13 +564,20 @@ def summarise(windows: list[Window], memcpy_bw: float = 0.0
 
 def write_json(path: pathlib.Path, meta: dict[str, Any], windows: list[Window],
                failover: dict[str, list[float]],
-               targets: Optional[list[dict[str, str]]] = None) -> None:
+               targets: Optional[list[dict[str, str]]] = None,
+               net: Optional[list[dict[str, Any]]] = None) -> None:
     path.write_text(json.dumps({
         "meta": meta,
         "targets": targets or [],
         "windows": [dataclasses.asdict(w) for w in windows],
         "failover_s": failover,
+        "net": net or [],
     }, indent=1) + "\n")
+
+
+def read_net_json(path: pathlib.Path) -> list[dict[str, Any]]:
+    """The network points of a bench.json (none in older ones)."""
+    return list(json.loads(path.read_text()).get("net", []))
 
 
 def read_json(path: pathlib.Path) -> tuple[dict[str, Any], list[Window],
@@ -658,7 +674,9 @@ def check_targets(rows: list[dict[str, Any]], failover: dict[str, list[float]],
 def write_report(path: pathlib.Path, meta: dict[str, Any],
                  rows: list[dict[str, Any]],
                  failover: dict[str, list[float]], plots: list[str],
-                 notes: Iterable[str] = ()) -> None:
+                 notes: Iterable[str] = (),
+                 extra_targets: Iterable[dict[str, str]] = (),
+                 sections: Iterable[str] = ()) -> None:
     accel = meta["accel"].upper()
     out = [f"# Curling benchmark ({meta['date']})", "",
            f"Accelerator: **{accel}**. Machine: {meta['cpus']} CPUs; "
@@ -667,7 +685,7 @@ def write_report(path: pathlib.Path, meta: dict[str, Any],
            f"{meta['kernel']}. Window {meta['window']} s per point. "
            f"memcpy bandwidth {meta['memcpy_gb_s']:.2f} GB/s.", "",
            f"Command: `{meta['command']}`", ""]
-    targets = check_targets(rows, failover, meta["mem"])
+    targets = check_targets(rows, failover, meta["mem"]) + list(extra_targets)
     out += [f"## Targets ({accel})", "", "| target | verdict | measured |",
             "|---|---|---|"]
     out += [f"| {t['target']} | {t['verdict']} | {t['detail']} |" for t in targets]
@@ -735,6 +753,7 @@ def write_report(path: pathlib.Path, meta: dict[str, Any],
             out.append(f"| {kind} | {len(ms)} | {statistics.median(ms):.0f} "
                        f"| {min(ms):.0f} | {max(ms):.0f} |")
         out.append("")
+    out += list(sections)
     systems = {r["system"] for r in rows}
     out += ["## The systems", ""]
     out += [f"- **{name}**: {text}" for name, text in SYSTEM_NOTES.items()

@@ -20,6 +20,15 @@ def test_pauses_pair_stop_with_resume() -> None:
     assert bench.Bench._pauses(events) == pytest.approx([2.0, 250.0])
 
 
+def test_curling_pauses_from_stop_phases() -> None:
+    log = ("curling_stop_phase VM stopped: stop 120 us, RAM 300 us, "
+           "devices 80 us, start 20 us; 4096 bytes saved\n"
+           "curling_stop_phase VM stopped: stop 1000 us, RAM 0 us, "
+           "devices 0 us, start 500 us; 0 bytes saved\n")
+    phases = bench.stop_phases(log)
+    assert bench.phase_pauses(phases) == pytest.approx([0.52, 1.5])
+
+
 def test_percentile() -> None:
     assert bench.percentile([], 0.5) is None
     assert bench.percentile([3.0, 1.0, 2.0], 0.5) == 2.0
