@@ -228,19 +228,21 @@ def _connect(host: str, port: int, stop: _Stop, deadline: float,
     return None
 
 
-def _stream(host: str, checker: StreamChecker, stop: _Stop,
-            deadline: float) -> None:
-    s = _connect(host, STREAM_PORT, stop, deadline)
+def _read(host: str, port: int, what: str,
+          checker: StreamChecker | BulkChecker, stop: _Stop,
+          deadline: float, rcvbuf: int = 0) -> None:
+    """Feed ``checker`` what a TCP connection to ``port`` receives."""
+    s = _connect(host, port, stop, deadline, rcvbuf)
     while s is not None and not stop.event.is_set():
         try:
-            data = s.recv(65536)
+            data = s.recv(_BULK_READ)
         except socket.timeout:
             continue
         except OSError as exc:
-            stop.fatal.append(f"stream connection failed: {exc}")
+            stop.fatal.append(f"{what} connection failed: {exc}")
             return
         if not data:
-            stop.fatal.append("stream connection closed by the guest")
+            stop.fatal.append(f"{what} connection closed by the guest")
             return
         checker.feed(data, time.monotonic())
 
@@ -289,23 +291,6 @@ def _udp(host: str, checker: UDPChecker, stop: _Stop) -> None:
         checker.datagram(data, time.monotonic())
 
 
-def _bulk(host: str, checker: BulkChecker, stop: _Stop,
-          deadline: float, rcvbuf: int) -> None:
-    s = _connect(host, BULK_PORT, stop, deadline, rcvbuf)
-    while s is not None and not stop.event.is_set():
-        try:
-            data = s.recv(_BULK_READ)
-        except socket.timeout:
-            continue
-        except OSError as exc:
-            stop.fatal.append(f"bulk connection failed: {exc}")
-            return
-        if not data:
-            stop.fatal.append("bulk connection closed by the guest")
-            return
-        checker.feed(data, time.monotonic())
-
-
 def run(host: str, mode: str, status_path: str, seconds: float,
         connections: int = 1, connect_timeout: float = 120.0,
         rcvbuf: int = 0) -> int:
@@ -319,7 +304,8 @@ def run(host: str, mode: str, status_path: str, seconds: float,
     if mode == "stream":
         checker = StreamChecker()
         threads.append(threading.Thread(
-            target=_stream, args=(host, checker, stop, deadline)))
+            target=_read,
+            args=(host, STREAM_PORT, "stream", checker, stop, deadline)))
     elif mode == "rr":
         checker = RRChecker()
         for conn in range(connections):
@@ -332,7 +318,8 @@ def run(host: str, mode: str, status_path: str, seconds: float,
     elif mode == "bulk":
         checker = BulkChecker()
         threads.append(threading.Thread(
-            target=_bulk, args=(host, checker, stop, deadline, rcvbuf)))
+            target=_read, args=(host, BULK_PORT, "bulk", checker, stop,
+                                deadline, rcvbuf)))
     else:
         raise ValueError(f"unknown mode {mode!r}")
     for t in threads:

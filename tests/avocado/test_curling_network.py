@@ -18,8 +18,9 @@ import time
 
 from qemu.qmp import ExecuteError
 
-from curling_test import (GUEST_MAC, CurlingTest, curling_info,
-                          free_tcp_port, netdev_args, wait_until)
+from curling_test import (GUEST_MAC, VM, CurlingTest, NetClient,
+                          curling_info, free_tcp_port, netdev_args,
+                          wait_until)
 
 #: Seconds from QEMU start to a guest that serves.
 BOOT_DEADLINE = 120.0
@@ -108,10 +109,9 @@ class CurlingNetwork(CurlingTest):
         """The TCP stream through an emulated e1000e."""
         self.kill_rounds("stream", model="e1000e", rounds=1)
 
-    def test_cancel_releases_held_output(self) -> None:
-        """With a long interval and no output-triggered checkpoint, output
-        stays held; migrate_cancel lets it out, in order, and the guest
-        serves on unprotected."""
+    def holding_stream(self) -> tuple[VM, VM, NetClient]:
+        """A TCP stream client of a guest protected with a long interval
+        and no output-triggered checkpoint: its output stays held."""
         sender, receiver, uri = self.launch_net_pair()
         sender.wait_tick(2, timeout=BOOT_DEADLINE)
         client = self.net_client("stream")
@@ -119,6 +119,13 @@ class CurlingNetwork(CurlingTest):
         self.protect(sender, receiver, uri, curling_interval=60000,
                      curling_output_delay=600000)
         time.sleep(1.0)
+        return sender, receiver, client
+
+    def test_cancel_releases_held_output(self) -> None:
+        """With a long interval and no output-triggered checkpoint, output
+        stays held; migrate_cancel lets it out, in order, and the guest
+        serves on unprotected."""
+        sender, receiver, client = self.holding_stream()
         seen = client.status()["items"]
         time.sleep(2.0)
         held = curling_info(sender)
@@ -151,13 +158,7 @@ class CurlingNetwork(CurlingTest):
         connection go first and takes over (the client must go on with
         no garbled line: held output that escaped would not match what
         the resumed guest sends)."""
-        sender, receiver, uri = self.launch_net_pair()
-        sender.wait_tick(2, timeout=BOOT_DEADLINE)
-        client = self.net_client("stream")
-        self.wait_client(client, FLOWING)
-        self.protect(sender, receiver, uri, curling_interval=60000,
-                     curling_output_delay=600000)
-        time.sleep(1.0)
+        sender, receiver, client = self.holding_stream()
         seen = client.status()["items"]
         held = curling_info(sender)["held-packets"]
         self.assertGreater(held, 0)
