@@ -362,8 +362,14 @@ class CurlingInput(CurlingInputBase):
         proxy = self.proxy_to(uri, rng)
         sender.wait_tick(5, timeout=BOOT_DEADLINE)
         # A long interval: the sender is killed before the checkpoint
-        # after the spoiled one replaces its device state.
-        self.protect(sender, receiver, proxy.uri, curling_interval=3000)
+        # after the spoiled one replaces its device state.  The proxy holds
+        # a whole checkpoint (megabytes after 3 s) while it rewrites it:
+        # on a loaded machine that can outlast the default curling-timeout
+        # on both sides (a silent sender, a late acknowledgement); the
+        # kill is seen at once anyway.
+        receiver.qmp("migrate-set-parameters", curling_timeout=10000)
+        self.protect(sender, receiver, proxy.uri, curling_interval=3000,
+                     curling_timeout=10000)
         self.wait_checkpoints(sender, 1)
         c = curling_info(sender)["sequence"]
         proxy.arm_rewrite(break_device_section, min_sequence=c + 1)
