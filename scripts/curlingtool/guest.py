@@ -57,6 +57,7 @@ KERNEL_MODULES: tuple[str, ...] = (
     "virtio_pci",                        # every virtio-*-pci device
     "virtio_net", "e1000e",              # NICs
     "virtio_blk", "ahci", "virtio_scsi", "sd_mod",   # disks
+    "ext4", "crc32c_generic",            # ext4 (its checksums use crc32c)
     "xhci_pci", "usbhid", "hid_generic", "evdev",    # usb-tablet, usb-kbd
     "virtio_gpu",                        # virtio-gpu, fbcon on it
     "virtio_balloon",

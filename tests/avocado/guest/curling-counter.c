@@ -48,6 +48,41 @@
  * (one line) and "curling: device error <name>: ..." the first time a
  * device fails.  Devices are looked for again every second.
  *
+ * Disk self-check (curling.diskcheck=vda): the first DISKCHECK_BLOCKS 4 KiB
+ * blocks of the disk are rewritten one after the other with O_DIRECT and
+ * O_DSYNC, each filled with a pattern derived from (block, version) and
+ * tagged with both, and a version table in memory records what each block
+ * must hold, as the memory self-check does for pages.  Every period the
+ * whole area is read back and compared with the table: memory and disk
+ * restored from one consistent point in time always agree.  Once a second
+ *
+ *   curling: diskcheck dev=<d> writes=<n> checks=<n> check=ok
+ *
+ * or "check=FAIL block=<b> want=<v> have=<v>" (the first bad block).
+ *
+ * File system workload (curling.fs=vda): the ext4 file system on the disk
+ * is mounted on /mnt, and files are created, appended to, renamed and
+ * deleted at random, each operation made durable (fsync of the file and
+ * of the directory) before a table in memory records it.  Every period the
+ * page cache is dropped and every recorded file is read back from the
+ * disk: its size and every byte (a function of the file's generation and
+ * the offset) must match the table.  Once a second
+ *
+ *   curling: fs dev=<d> ops=<n> checks=<n> files=<n> check=ok
+ *
+ * or "check=FAIL <what>"; after curling.fstime seconds the workload stops,
+ * unmounts the file system and prints "curling: fs unmounted ops=<n>".
+ *
+ * Disk load (curling.diskload=, for the benchmark): "seq" writes 64 KiB
+ * blocks one after the other over the disk with O_DIRECT, paced to
+ * curling.diskrate MiB/s; "fsync" writes 4 KiB blocks at random offsets,
+ * each followed by fdatasync(), back to back.  Once a second, cumulative:
+ *
+ *   curling: diskload mode=<m> ops=<n> bytes=<n> lat_us=<sum> max_us=<n>
+ *
+ * (lat_us: the sum of each operation's latency, write plus fdatasync;
+ * max_us: the longest since the previous line).
+ *
  * Parameters come from the kernel command line (/proc/cmdline):
  *   curling.mode=counter|dirty|idle  (default dirty)
  *   curling.mb=N       buffer size of each worker in MiB (default 16)
@@ -56,6 +91,11 @@
  *   curling.period=MS  print period in milliseconds (default 100)
  *   curling.threads=N  workers (default: one per online CPU)
  *   curling.devices=1  run the device load
+ *   curling.diskcheck=DEV  run the disk self-check on /dev/DEV
+ *   curling.fs=DEV     run the file system workload on /dev/DEV (ext4)
+ *   curling.fstime=S   stop it after S seconds and unmount (default: never)
+ *   curling.diskload=seq|fsync  run a disk benchmark load on /dev/vda
+ *   curling.diskrate=R MiB per second the seq load offers (default 10)
  *
  * Mode counter runs the CPU-bound loop only ("work" counts its iterations);
  * mode dirty also rewrites pages at the given rate; mode idle sleeps and
@@ -82,7 +122,9 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -102,6 +144,11 @@ struct config {
     unsigned long period_ms;
     unsigned long threads;
     int devices;
+    char diskcheck[16];
+    char fs[16];
+    unsigned long fs_seconds;
+    char diskload[16];
+    double disk_rate;
 };
 
 /*
@@ -397,6 +444,16 @@ static void parse_cmdline(void)
             cfg.threads = strtoul(tok + 16, NULL, 10);
         } else if (!strncmp(tok, "curling.devices=", 16)) {
             cfg.devices = atoi(tok + 16) != 0;
+        } else if (!strncmp(tok, "curling.diskcheck=", 18)) {
+            snprintf(cfg.diskcheck, sizeof(cfg.diskcheck), "%s", tok + 18);
+        } else if (!strncmp(tok, "curling.fs=", 11)) {
+            snprintf(cfg.fs, sizeof(cfg.fs), "%s", tok + 11);
+        } else if (!strncmp(tok, "curling.fstime=", 15)) {
+            cfg.fs_seconds = strtoul(tok + 15, NULL, 10);
+        } else if (!strncmp(tok, "curling.diskload=", 17)) {
+            snprintf(cfg.diskload, sizeof(cfg.diskload), "%s", tok + 17);
+        } else if (!strncmp(tok, "curling.diskrate=", 17)) {
+            cfg.disk_rate = strtod(tok + 17, NULL);
         }
     }
     if (cfg.mb < 1) {
@@ -1059,6 +1116,446 @@ static void *reporter_thread(void *opaque)
     return NULL;
 }
 
+
+/* -- disk self-check --------------------------------------------------- */
+
+#define DISKCHECK_BLOCKS    256
+#define DISKCHECK_BLOCK     4096
+#define DISKCHECK_MAGIC     0x4355524c424c4b30ULL   /* "CURLBLK0" */
+
+static uint32_t disk_table[DISKCHECK_BLOCKS];
+static uint64_t disk_writes, disk_checks;
+
+static void disk_fill(uint64_t *blk, unsigned b, uint32_t version)
+{
+    uint64_t x = mix64(((uint64_t)b << 32) | version);
+    unsigned k;
+
+    blk[0] = DISKCHECK_MAGIC;
+    blk[1] = ((uint64_t)b << 32) | version;
+    for (k = 2; k < DISKCHECK_BLOCK / 8; k++) {
+        x += WORD_STEP;
+        blk[k] = x;
+    }
+}
+
+/* Describe the first block of @area that differs from the table. */
+static int disk_verify(const uint64_t *area, char *why, size_t whylen)
+{
+    uint64_t *want = malloc(DISKCHECK_BLOCK);
+    unsigned b;
+    int ok = 1;
+
+    for (b = 0; ok && b < DISKCHECK_BLOCKS; b++) {
+        const uint64_t *have = area + b * (DISKCHECK_BLOCK / 8);
+
+        disk_fill(want, b, disk_table[b]);
+        if (memcmp(have, want, DISKCHECK_BLOCK)) {
+            snprintf(why, whylen, "block=%u want=%u have=%llu", b,
+                     disk_table[b],
+                     have[0] == DISKCHECK_MAGIC ?
+                     (unsigned long long)(have[1] & 0xffffffffu) : 0ULL);
+            ok = 0;
+        }
+    }
+    free(want);
+    return ok;
+}
+
+static void *diskcheck_thread(void *opaque)
+{
+    char path[48];
+    uint64_t *blk, *area;
+    uint64_t last_report = now_ns(), last_check = last_report;
+    unsigned b, next = 0;
+    char why[96] = "";
+    int fd;
+
+    snprintf(path, sizeof(path), "/dev/%s", cfg.diskcheck);
+    if (posix_memalign((void **)&blk, PAGE_SIZE, DISKCHECK_BLOCK) ||
+        posix_memalign((void **)&area, PAGE_SIZE,
+                       DISKCHECK_BLOCKS * DISKCHECK_BLOCK)) {
+        out("curling: diskcheck: no memory\n");
+        return NULL;
+    }
+    for (;;) {
+        fd = open(path, O_RDWR | O_DIRECT | O_DSYNC);
+        if (fd >= 0) {
+            break;
+        }
+        out("curling: diskcheck: cannot open %s: %s\n", path,
+            strerror(errno));
+        sleep_ms(1000);
+    }
+    /* Version 1 everywhere first, then one block after the other. */
+    for (b = 0; b < DISKCHECK_BLOCKS; b++) {
+        disk_fill(blk, b, 1);
+        if (pwrite(fd, blk, DISKCHECK_BLOCK, (off_t)b * DISKCHECK_BLOCK) !=
+            DISKCHECK_BLOCK) {
+            out("curling: diskcheck: write failed: %s\n", strerror(errno));
+            return NULL;
+        }
+        disk_table[b] = 1;
+    }
+    for (;;) {
+        uint64_t t;
+
+        b = next;
+        next = (next + 1) % DISKCHECK_BLOCKS;
+        disk_fill(blk, b, disk_table[b] + 1);
+        /* Disk first, then the table: the thread never checks between. */
+        if (pwrite(fd, blk, DISKCHECK_BLOCK, (off_t)b * DISKCHECK_BLOCK) !=
+            DISKCHECK_BLOCK) {
+            out("curling: diskcheck: write failed: %s\n", strerror(errno));
+            sleep_ms(1000);
+            continue;
+        }
+        disk_table[b]++;
+        disk_writes++;
+
+        t = now_ns();
+        if (t - last_check < cfg.period_ms * 1000000ULL) {
+            sleep_ms(2);
+            continue;
+        }
+        last_check = t;
+        if (pread(fd, area, DISKCHECK_BLOCKS * DISKCHECK_BLOCK, 0) !=
+            DISKCHECK_BLOCKS * DISKCHECK_BLOCK) {
+            out("curling: diskcheck: read failed: %s\n", strerror(errno));
+        } else {
+            disk_checks++;
+            if (!why[0] && !disk_verify(area, why, sizeof(why))) {
+                out("curling: diskcheck dev=%s writes=%llu checks=%llu "
+                    "check=FAIL %s\n", cfg.diskcheck,
+                    (unsigned long long)disk_writes,
+                    (unsigned long long)disk_checks, why);
+            }
+        }
+        if (t - last_report >= 1000000000ULL) {
+            out("curling: diskcheck dev=%s writes=%llu checks=%llu "
+                "check=%s\n", cfg.diskcheck, (unsigned long long)disk_writes,
+                (unsigned long long)disk_checks, why[0] ? "FAIL" : "ok");
+            last_report = t;
+        }
+    }
+    return NULL;
+}
+
+/* -- file system workload ---------------------------------------------- */
+
+#define FS_FILES        32
+#define FS_MAX_LEN      (256 * 1024)
+#define FS_CHUNK        (64 * 1024)
+
+struct fs_file {
+    int used;
+    uint32_t gen;               /* unique: names the content */
+    uint32_t renames;
+    uint32_t len;               /* bytes made durable */
+};
+
+static struct fs_file fs_files[FS_FILES];
+static uint32_t fs_next_gen;
+static uint64_t fs_ops, fs_checks, fs_rng = 0x2545f4914f6cdd1dULL;
+
+static uint64_t fs_random(void)
+{
+    fs_rng ^= fs_rng << 13;
+    fs_rng ^= fs_rng >> 7;
+    fs_rng ^= fs_rng << 17;
+    return fs_rng;
+}
+
+static void fs_name(const struct fs_file *f, char *name, size_t len)
+{
+    snprintf(name, len, "/mnt/f%u.%u", f->gen, f->renames);
+}
+
+static void fs_data(uint32_t gen, uint32_t off, unsigned char *buf,
+                    uint32_t n)
+{
+    uint32_t i;
+
+    for (i = 0; i < n; i++) {
+        uint32_t o = off + i;
+
+        buf[i] = mix64(((uint64_t)gen << 32) | (o / 8)) >> ((o % 8) * 8);
+    }
+}
+
+static int fs_sync_dir(void)
+{
+    int fd = open("/mnt", O_RDONLY | O_DIRECTORY);
+    int ret;
+
+    if (fd < 0) {
+        return -1;
+    }
+    ret = fsync(fd);
+    close(fd);
+    return ret;
+}
+
+/* Append @n bytes of @f's content at its end, durably. */
+static int fs_append(struct fs_file *f, int flags, uint32_t n,
+                     unsigned char *buf)
+{
+    char name[48];
+    int fd;
+
+    fs_name(f, name, sizeof(name));
+    fd = open(name, O_WRONLY | flags, 0644);
+    if (fd < 0) {
+        return -1;
+    }
+    fs_data(f->gen, f->len, buf, n);
+    if (pwrite(fd, buf, n, f->len) != (ssize_t)n || fsync(fd)) {
+        close(fd);
+        return -1;
+    }
+    close(fd);
+    return 0;
+}
+
+static int fs_operate(unsigned char *buf, char *why, size_t whylen)
+{
+    struct fs_file *f = &fs_files[fs_random() % FS_FILES];
+    char from[48], to[48];
+    uint32_t n = 1 + fs_random() % FS_CHUNK;
+
+    if (!f->used) {
+        f->gen = ++fs_next_gen;
+        f->renames = 0;
+        f->len = 0;
+        if (fs_append(f, O_CREAT | O_EXCL, n, buf) || fs_sync_dir()) {
+            snprintf(why, whylen, "create f%u: %s", f->gen, strerror(errno));
+            return -1;
+        }
+        f->len = n;
+        f->used = 1;
+        return 0;
+    }
+    switch (fs_random() % 4) {
+    case 0:
+    case 1:
+        if (f->len + n > FS_MAX_LEN) {
+            break;
+        }
+        if (fs_append(f, 0, n, buf)) {
+            snprintf(why, whylen, "append f%u: %s", f->gen, strerror(errno));
+            return -1;
+        }
+        f->len += n;
+        return 0;
+    case 2:
+        fs_name(f, from, sizeof(from));
+        f->renames++;
+        fs_name(f, to, sizeof(to));
+        if (rename(from, to) || fs_sync_dir()) {
+            snprintf(why, whylen, "rename f%u: %s", f->gen, strerror(errno));
+            return -1;
+        }
+        return 0;
+    }
+    fs_name(f, from, sizeof(from));
+    if (unlink(from) || fs_sync_dir()) {
+        snprintf(why, whylen, "delete f%u: %s", f->gen, strerror(errno));
+        return -1;
+    }
+    f->used = 0;
+    return 0;
+}
+
+/* Read every recorded file back from the disk. */
+static int fs_verify(unsigned char *buf, unsigned char *want, char *why,
+                     size_t whylen)
+{
+    int fd = open("/proc/sys/vm/drop_caches", O_WRONLY);
+    unsigned i;
+
+    if (fd >= 0) {
+        if (write(fd, "3", 1) != 1) {
+            out("curling: fs: cannot drop caches\n");
+        }
+        close(fd);
+    }
+    for (i = 0; i < FS_FILES; i++) {
+        struct fs_file *f = &fs_files[i];
+        char name[48];
+        struct stat st;
+        uint32_t off;
+
+        if (!f->used) {
+            continue;
+        }
+        fs_name(f, name, sizeof(name));
+        fd = open(name, O_RDONLY);
+        if (fd < 0 || fstat(fd, &st)) {
+            snprintf(why, whylen, "%s: %s", name, strerror(errno));
+            if (fd >= 0) {
+                close(fd);
+            }
+            return 0;
+        }
+        if (st.st_size != f->len) {
+            snprintf(why, whylen, "%s: %lld bytes, want %u", name,
+                     (long long)st.st_size, f->len);
+            close(fd);
+            return 0;
+        }
+        for (off = 0; off < f->len; off += FS_CHUNK) {
+            uint32_t n = f->len - off < FS_CHUNK ? f->len - off : FS_CHUNK;
+
+            fs_data(f->gen, off, want, n);
+            if (pread(fd, buf, n, off) != (ssize_t)n || memcmp(buf, want, n)) {
+                snprintf(why, whylen, "%s: wrong data in %u bytes at %u",
+                         name, n, off);
+                close(fd);
+                return 0;
+            }
+        }
+        close(fd);
+    }
+    return 1;
+}
+
+static void *fs_thread(void *opaque)
+{
+    char dev[48], why[160] = "";
+    unsigned char *buf = malloc(FS_CHUNK), *want = malloc(FS_CHUNK);
+    uint64_t start, last_report, last_check, t;
+    unsigned i, nfiles;
+
+    snprintf(dev, sizeof(dev), "/dev/%s", cfg.fs);
+    mkdir("/mnt", 0755);
+    while (mount(dev, "/mnt", "ext4", 0, NULL)) {
+        out("curling: fs: cannot mount %s: %s\n", dev, strerror(errno));
+        sleep_ms(1000);
+    }
+    start = last_report = last_check = now_ns();
+    for (;;) {
+        t = now_ns();
+        if (cfg.fs_seconds && t - start >= cfg.fs_seconds * 1000000000ULL) {
+            break;
+        }
+        if (!why[0] && fs_operate(buf, why, sizeof(why))) {
+            out("curling: fs dev=%s ops=%llu checks=%llu check=FAIL %s\n",
+                cfg.fs, (unsigned long long)fs_ops,
+                (unsigned long long)fs_checks, why);
+        }
+        fs_ops++;
+        if (t - last_check >= cfg.period_ms * 1000000ULL && !why[0]) {
+            last_check = t;
+            fs_checks++;
+            if (!fs_verify(buf, want, why, sizeof(why))) {
+                out("curling: fs dev=%s ops=%llu checks=%llu check=FAIL "
+                    "%s\n", cfg.fs, (unsigned long long)fs_ops,
+                    (unsigned long long)fs_checks, why);
+            }
+        }
+        if (t - last_report >= 1000000000ULL) {
+            for (i = nfiles = 0; i < FS_FILES; i++) {
+                nfiles += fs_files[i].used;
+            }
+            out("curling: fs dev=%s ops=%llu checks=%llu files=%u check=%s\n",
+                cfg.fs, (unsigned long long)fs_ops,
+                (unsigned long long)fs_checks, nfiles,
+                why[0] ? "FAIL" : "ok");
+            last_report = t;
+        }
+        sleep_ms(5);
+    }
+    if (umount("/mnt")) {
+        out("curling: fs: cannot unmount: %s\n", strerror(errno));
+        return NULL;
+    }
+    out("curling: fs unmounted ops=%llu check=%s\n",
+        (unsigned long long)fs_ops, why[0] ? "FAIL" : "ok");
+    return NULL;
+}
+
+/* -- disk benchmark load ----------------------------------------------- */
+
+#define DISKLOAD_SEQ_BLOCK      (64 * 1024)
+#define DISKLOAD_SYNC_BLOCK     4096
+
+static void *diskload_thread(void *opaque)
+{
+    int seq = !strcmp(cfg.diskload, "seq");
+    size_t block = seq ? DISKLOAD_SEQ_BLOCK : DISKLOAD_SYNC_BLOCK;
+    uint64_t size = 0, pos = 0, ops = 0, bytes = 0, lat_sum = 0, lat_max = 0;
+    uint64_t start, last_report, rng = 0x9e3779b97f4a7c15ULL;
+    double rate = (cfg.disk_rate > 0 ? cfg.disk_rate : 10) * 1024 * 1024;
+    unsigned char *buf;
+    int fd;
+
+    if (posix_memalign((void **)&buf, PAGE_SIZE, block)) {
+        out("curling: diskload: no memory\n");
+        return NULL;
+    }
+    memset(buf, 0xa5, block);
+    for (;;) {
+        fd = open("/dev/vda", O_RDWR | O_DIRECT);
+        if (fd >= 0 && !ioctl(fd, BLKGETSIZE64, &size) && size >= block) {
+            break;
+        }
+        out("curling: diskload: cannot open /dev/vda: %s\n", strerror(errno));
+        if (fd >= 0) {
+            close(fd);
+        }
+        sleep_ms(1000);
+    }
+    size -= size % block;
+    start = last_report = now_ns();
+    for (;;) {
+        uint64_t t0, t1, off;
+
+        if (seq) {
+            /* Paced: block n is due at start + n * block / rate. */
+            uint64_t due = start + (uint64_t)(ops * block / rate * 1e9);
+
+            t0 = now_ns();
+            if (due > t0) {
+                struct timespec ts = { (due - t0) / 1000000000ULL,
+                                       (due - t0) % 1000000000ULL };
+                nanosleep(&ts, NULL);
+            }
+            off = pos;
+            pos = (pos + block) % size;
+        } else {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            off = (rng % (size / block)) * block;
+        }
+        buf[0] = ops;
+        t0 = now_ns();
+        if (pwrite(fd, buf, block, off) != (ssize_t)block ||
+            (!seq && fdatasync(fd))) {
+            out("curling: diskload: write at %llu: %s\n",
+                (unsigned long long)off, strerror(errno));
+            sleep_ms(1000);
+            continue;
+        }
+        t1 = now_ns();
+        ops++;
+        bytes += block;
+        lat_sum += (t1 - t0) / 1000;
+        if ((t1 - t0) / 1000 > lat_max) {
+            lat_max = (t1 - t0) / 1000;
+        }
+        if (t1 - last_report >= 1000000000ULL) {
+            out("curling: diskload mode=%s ops=%llu bytes=%llu lat_us=%llu "
+                "max_us=%llu\n", cfg.diskload, (unsigned long long)ops,
+                (unsigned long long)bytes, (unsigned long long)lat_sum,
+                (unsigned long long)lat_max);
+            last_report = t1;
+            lat_max = 0;
+        }
+    }
+    return NULL;
+}
+
 int main(void)
 {
     unsigned i;
@@ -1074,6 +1571,15 @@ int main(void)
     }
     if (cfg.devices) {
         start_thread(reporter_thread, NULL);
+    }
+    if (cfg.diskcheck[0]) {
+        start_thread(diskcheck_thread, NULL);
+    }
+    if (cfg.fs[0]) {
+        start_thread(fs_thread, NULL);
+    }
+    if (cfg.diskload[0]) {
+        start_thread(diskload_thread, NULL);
     }
     for (i = 1; i < nworkers; i++) {
         start_thread(worker_thread, &workers[i]);
