@@ -40,6 +40,8 @@ PACKAGES: tuple[tuple[str, str], ...] = (
     ("cpio", "test guest initramfs"),
     # network tests: namespace, bridge, taps (ip, bridge)
     ("iproute2", "network namespaces, bridges and taps of the network tests"),
+    # disk tests: an ext4 image made and checked on the host
+    ("e2fsprogs", "mkfs.ext4 and e2fsck of the disk tests"),
     # test runtime firmware (--firmwarepath)
     ("seabios", "x86 BIOS"),
     ("ipxe-qemu", "NIC option ROMs"),

@@ -41,6 +41,12 @@ TICK_RE = re.compile(
 #: ``curling: devices disk=12 rng=40 ... err=0 vda=12 eth0=30/28``.
 DEVICES_RE = re.compile(r"curling: devices((?: [\w.-]+=\d+(?:/\d+)*)+)\s*$")
 
+#: A line of the guest's disk self-check (curling.diskcheck=DEV), e.g.
+#: ``curling: diskcheck dev=vda writes=120 checks=9 check=ok``.
+DISKCHECK_RE = re.compile(
+    r"curling: diskcheck dev=(?P<dev>\w+) writes=(?P<writes>\d+) "
+    r"checks=(?P<checks>\d+) check=(?P<check>\w+)(?: (?P<detail>.*))?")
+
 T = TypeVar("T")
 
 # Every QEMU started by this module, so that nothing outlives the test.
@@ -121,6 +127,33 @@ def parse_ticks(text: str) -> list[Tick]:
                               pages=int(m["pages"]), check=m["check"],
                               detail=m["detail"] or "", line=line.strip()))
     return ticks
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskCheck:
+    """One ``curling: diskcheck ...`` line: the blocks the guest rewrote
+    and the read-backs it compared with its version table so far."""
+
+    dev: str
+    writes: int
+    checks: int
+    check: str
+    line: str
+
+    @property
+    def ok(self) -> bool:
+        return self.check == "ok"
+
+
+def parse_diskchecks(text: str) -> list[DiskCheck]:
+    checks = []
+    for line in text.splitlines():
+        m = DISKCHECK_RE.search(line)
+        if m:
+            checks.append(DiskCheck(dev=m["dev"], writes=int(m["writes"]),
+                                    checks=int(m["checks"]),
+                                    check=m["check"], line=line.strip()))
+    return checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +386,10 @@ class VM:
     def device_reports(self, since: int = 0) -> list[DeviceReport]:
         """Device load lines printed so far (from console offset ``since``)."""
         return parse_device_reports(self.console()[since:])
+
+    def diskchecks(self, since: int = 0) -> list[DiskCheck]:
+        """Disk self-check lines printed so far (from offset ``since``)."""
+        return parse_diskchecks(self.console()[since:])
 
     def last_tick(self) -> Optional[Tick]:
         ticks = self.ticks()

@@ -30,6 +30,7 @@ import os
 import pathlib
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,12 +45,14 @@ from curlingtool.guest import GuestError, GuestImage, build_guest  # noqa: E402
 from curlingtool.netlab import (GUEST_IP, GUEST_MAC, PREFIX,  # noqa: E402
                                 NetClient, NetLab, NetLabError,
                                 check_available, netdev_args)
-from curlingtool.vm import (VM, DeviceReport, Tick, VMDied,  # noqa: E402,F401
+from curlingtool.vm import (VM, DeviceReport, DiskCheck,  # noqa: E402,F401
+                            Tick, VMDied,
                             WaitTimeout, free_tcp_port, guest_args,
                             parse_ticks, wait_until)  # noqa: F401
 
 BUILD_DIR = REPO_ROOT / "build"
 DEFAULT_QEMU = BUILD_DIR / "bin" / "qemu-system-x86_64"
+QEMU_IMG = BUILD_DIR / "bin" / "qemu-img"
 PROBE_CACHE = BUILD_DIR / "accel-probe.json"
 TEST_LOCK = BUILD_DIR / "avocado.lock"
 
@@ -365,6 +368,54 @@ class CurlingTest(avocado.Test):
                                   append=append, extra_args=extra_args,
                                   cpu_affinity=affinity, netns=netns)
         return receiver, uri
+
+    # -- disks ------------------------------------------------------------
+
+    #: Virtual size of the test guests' disks.
+    DISK_SIZE = 64 * 1024 ** 2
+
+    def disk_image(self, name: str, junk: bool = False) -> pathlib.Path:
+        """A raw image of DISK_SIZE bytes in the test's temporary folder,
+        empty, or with ``junk`` (random data in its first and last MiB):
+        a receiver's image need not start empty."""
+        assert self._tmpdir is not None
+        path = self._tmpdir / f"{name}.img"
+        subprocess.run([str(QEMU_IMG), "create", "-q", "-f", "raw",
+                        str(path), str(self.DISK_SIZE)], check=True)
+        if junk:
+            with open(path, "r+b") as f:
+                f.write(os.urandom(1024 ** 2))
+                f.seek(self.DISK_SIZE - 1024 ** 2)
+                f.write(os.urandom(1024 ** 2))
+        return path
+
+    def disk_args(self, vm_name: str, drives: Iterable[tuple[str, str]],
+                  junk: bool = False, image: Optional[pathlib.Path] = None
+                  ) -> list[str]:
+        """``-drive``/``-device`` pairs giving the VM ``vm_name`` its own
+        image (``<vm_name>-<drive id>.img``) for each (drive id, -device
+        argument with ``{drive}`` for the id) of ``drives``; ``image`` puts
+        every drive on that one file instead."""
+        args: list[str] = []
+        for drive, device in drives:
+            path = image or self.disk_image(f"{vm_name}-{drive}", junk)
+            args += ["-drive", f"if=none,id={drive},file={path},format=raw",
+                     "-device", device.format(drive=drive)]
+        return args
+
+    def assert_diskchecks_ok(self, vm: VM, since: int = 0,
+                             progress: bool = True) -> list[DiskCheck]:
+        """Every disk self-check ``vm``'s guest printed (from ``since``)
+        passed; with ``progress``, its writes went on meanwhile."""
+        checks = vm.diskchecks(since)
+        bad = [c.line for c in checks if not c.ok]
+        self.assertEqual(bad, [], f"disk self-check failed on {vm.name}")
+        if progress:
+            self.assertGreaterEqual(len(checks), 2,
+                                    f"{vm.name} printed no disk self-checks")
+            self.assertGreater(checks[-1].writes, checks[0].writes,
+                               f"the guest on {vm.name} stopped writing")
+        return checks
 
     # -- network ----------------------------------------------------------
 

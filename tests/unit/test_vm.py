@@ -68,3 +68,15 @@ def test_guest_args_smp_and_default_devices(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ValueError):
         vm.guest_args("qemu", guest_image(tmp_path), "x", accel="tcg",
                       console=tmp_path / "c", qmp_path=tmp_path / "q", smp=0)
+
+
+def test_diskchecks() -> None:
+    text = ("curling: tick=3 work=1 pages=2 check=ok\n"
+            "curling: diskcheck dev=vda writes=120 checks=9 check=ok\n"
+            "curling: diskcheck dev=vda writes=121 checks=10 check=FAIL "
+            "block=7 want=3 have=2\n")
+    checks = vm.parse_diskchecks(text)
+    assert [(c.dev, c.writes, c.checks, c.ok) for c in checks] == [
+        ("vda", 120, 9, True), ("vda", 121, 10, False)]
+    assert checks[1].line.endswith("have=2")
+    assert len(vm.parse_ticks(text)) == 1

@@ -1,0 +1,314 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Disk replication: the receiver's images are the sender's disks at the
+last committed checkpoint.
+
+Each side has its own raw image for each drive. The guest rewrites the
+first blocks of its virtio-blk disk one after the other with O_DIRECT and
+O_DSYNC and compares them with a version table in its memory
+(``curling.diskcheck=vda``): memory and disk restored from one checkpoint
+always agree, a disk ahead of or behind memory does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import random
+import re
+import signal
+import subprocess
+import time
+
+from qemu.qmp import ExecuteError
+
+from curling_test import (FAILOVER_DEADLINE, VM, CurlingTest, curling_info,
+                          free_tcp_port, wait_until)
+
+#: Seconds from QEMU start to a guest that ticks.
+BOOT_DEADLINE = 120.0
+APPEND = "curling.mode=dirty curling.rate=4 curling.diskcheck=vda"
+VIRTIO_BLK = (("disk0", "virtio-blk-pci,drive={drive}"),)
+#: One drive of each kind the guest knows: virtio-blk, AHCI, virtio-scsi.
+THREE_DRIVES = VIRTIO_BLK + (
+    ("sata0", "ide-hd,drive={drive},bus=ahci0.0"),
+    ("scsi0d", "scsi-hd,drive={drive},bus=scsi0.0"))
+CONTROLLERS = ("-device", "ahci,id=ahci0", "-device",
+               "virtio-scsi-pci,id=scsi0")
+
+
+#: The guest's ext4 workload, unmounting after FS_SECONDS of guest time.
+FS_SECONDS = 60
+FS_APPEND = (f"curling.mode=dirty curling.rate=4 curling.fs=vda "
+             f"curling.fstime={FS_SECONDS}")
+FS_RE = re.compile(r"curling: fs dev=\w+ ops=(?P<ops>\d+) "
+                   r"checks=(?P<checks>\d+) files=\d+ check=(?P<check>\w+)")
+
+
+def fs_reports(vm: VM, since: int = 0) -> list[re.Match[str]]:
+    return list(FS_RE.finditer(vm.console()[since:]))
+
+
+def digest(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def first_difference(a: pathlib.Path, b: pathlib.Path) -> int:
+    """Offset of the first MiB where two images differ, or -1."""
+    mib = 1024 ** 2
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        offset = 0
+        while True:
+            ca, cb = fa.read(mib), fb.read(mib)
+            if ca != cb:
+                return offset
+            if not ca:
+                return -1
+            offset += mib
+
+
+class CurlingDisk(CurlingTest):
+    """
+    :avocado: tags=arch:x86_64,curling,disk
+    """
+
+    ROUNDS = 3
+
+    def wait_diskchecks(self, vm: VM, count: int, since: int = 0,
+                        timeout: float = 60.0) -> None:
+        wait_until(lambda: len(vm.diskchecks(since)) >= count, timeout,
+                   f"{count} disk self-checks on {vm.name}")
+
+    def test_disk_follows_memory_across_kills(self) -> None:
+        """The guest writes its disk all the time; kill -9 the sender at
+        random moments, three times chained, each new receiver starting
+        from an empty image or one full of junk: after every failover the
+        disk holds exactly what the resumed memory says it wrote."""
+        seed = int(os.environ.get("CURLING_SEED", time.time_ns() % 2**32))
+        self.log.info("random seed %d (set CURLING_SEED=%d to replay)",
+                      seed, seed)
+        rng = random.Random(seed)
+        sender, receiver, uri = self.launch_pair(
+            append=APPEND, side_args=lambda n: self.disk_args(n, VIRTIO_BLK))
+        sender.wait_tick(2, timeout=BOOT_DEADLINE)
+        self.wait_diskchecks(sender, 2)
+        for rnd in range(1, self.ROUNDS + 1):
+            label = f"round {rnd}/{self.ROUNDS} (seed {seed})"
+            self.protect(sender, receiver, uri)
+            mark = receiver.console_mark()
+            self.kill_round(sender, receiver, rng.uniform(0.2, 2.0), label)
+            self.wait_diskchecks(receiver, 3, since=mark)
+            checks = self.assert_diskchecks_ok(receiver, since=mark)
+            self.assert_diskchecks_ok(sender, progress=False)
+            self.log.info("%s: %s's guest wrote %d blocks, checked %d "
+                          "times after the failover", label, receiver.name,
+                          checks[-1].writes - checks[0].writes,
+                          checks[-1].checks - checks[0].checks)
+            if rnd < self.ROUNDS:
+                sender = receiver
+                name = f"receiver{rnd + 1}"
+                receiver, uri = self.new_receiver(
+                    name, sender, append=APPEND,
+                    extra_args=self.disk_args(name, VIRTIO_BLK,
+                                              junk=rnd % 2 == 1))
+
+    def test_images_identical_at_checkpoint_boundary(self) -> None:
+        """Three drives (virtio-blk, AHCI, virtio-scsi), the receiver's
+        images full of junk at first: with the sender's guest stopped and
+        checkpoints going on, every receiver image is byte-identical to the
+        sender's; then a failover resumes a guest whose disk agrees."""
+        assert self._tmpdir is not None
+        tmpdir = self._tmpdir
+        sender, receiver, uri = self.launch_pair(
+            append=APPEND, extra_args=CONTROLLERS,
+            side_args=lambda n: self.disk_args(n, THREE_DRIVES,
+                                               junk=n == "receiver"))
+        sender.wait_tick(2, timeout=BOOT_DEADLINE)
+        self.wait_diskchecks(sender, 2)
+        self.protect(sender, receiver, uri)
+        # Writes through the AHCI and SCSI drives too (the guest only
+        # writes its virtio-blk disk).
+        for drive, offset in (("sata0", "8M"), ("scsi0d", "16M")):
+            sender.qmp("human-monitor-command",
+                       command_line=f'qemu-io {drive} "write -P 0x5a '
+                                    f'{offset} 192k"')
+        self.wait_checkpoints(sender, 2)
+
+        sender.qmp("stop")
+        self.wait_checkpoints(sender, 2)
+        for drive, _ in THREE_DRIVES:
+            mine = tmpdir / f"sender-{drive}.img"
+            theirs = tmpdir / f"receiver-{drive}.img"
+            self.assertEqual(
+                first_difference(mine, theirs), -1,
+                f"the receiver's image of {drive} differs from the "
+                f"sender's at a checkpoint boundary")
+            self.log.info("%s: identical, sha256 %s", drive,
+                          digest(mine)[:16])
+        info = curling_info(sender)
+        self.log.info("checkpoints %d, mean %d bytes (disk %d), max %d "
+                      "bytes (disk %d)", info["checkpoints"],
+                      info["mean-bytes"], info["disk-mean-bytes"],
+                      info["max-bytes"], info["disk-max-bytes"])
+        self.assertEqual(info["disk-size"], 3 * self.DISK_SIZE)
+        self.assertEqual(info["disk-remaining"], 0,
+                         "disk data left to send with the guest stopped")
+        self.assertGreaterEqual(info["disk-max-bytes"], 192 * 1024)
+
+        sender.qmp("cont")
+        self.wait_checkpoints(sender, 2)
+        mark = receiver.console_mark()
+        sender.kill(signal.SIGKILL)
+        receiver.wait_event("CURLING_FAILOVER", timeout=FAILOVER_DEADLINE)
+        self.wait_diskchecks(receiver, 3, since=mark)
+        self.assert_diskchecks_ok(receiver, since=mark)
+        self.assert_ticks_ok(receiver, since=mark)
+
+    def test_shared_image_refused(self) -> None:
+        """Both sides on one image file: the receiver refuses to write it,
+        naming the drive; the sender's guest runs on, alone on its disk,
+        and no second copy of the guest ever starts."""
+        image = self.disk_image("shared")
+        sender, receiver, uri = self.launch_pair(
+            append=APPEND,
+            side_args=lambda n: self.disk_args(n, VIRTIO_BLK, image=image))
+        sender.wait_tick(2, timeout=BOOT_DEADLINE)
+        self.wait_diskchecks(sender, 2)
+        sender.qmp("migrate-set-parameters", max_bandwidth=self.BANDWIDTH)
+        sender.qmp("migrate", uri=uri)
+        wait_until(lambda: sender.qmp("query-migrate").get("status") ==
+                   "failed", 60, "the sender's migration to fail")
+        wait_until(lambda: not receiver.is_running(), 30,
+                   "the receiver to give up")
+        log = receiver.qemu_log_path.read_text(errors="replace")
+        self.assertRegex(log, r"cannot write the image of drive 'disk0' "
+                              r"\(each side needs its own copy\)")
+        self.assertNotEqual(receiver.exitcode, 0,
+                            "the receiver ended as if nothing went wrong")
+        self.assertEqual(sender.qmp("query-status")["status"], "running")
+        self.assertNotEqual(curling_info(sender)["status"], "protecting")
+        mark = sender.console_mark()
+        self.wait_diskchecks(sender, 2, since=mark)
+        self.assert_diskchecks_ok(sender)
+
+    def test_receiver_write_error_ends_protection(self) -> None:
+        """An I/O error on the receiver's image (a blkdebug rule on a
+        region the guest does not use, hit when the host writes there):
+        protection ends on both sides, and the receiver, which missed a
+        committed write, never starts the guest."""
+        assert self._tmpdir is not None
+        target = self.disk_image("receiver-disk0")
+        mine = self.disk_args("sender", VIRTIO_BLK)
+        # Data writes at 32 MiB fail; the first round's zero writes there
+        # do not.
+        theirs = [
+            "-drive", "if=none,id=disk0,format=raw,file.driver=blkdebug,"
+                      f"file.image.filename={target},"
+                      "file.inject-error.0.event=write_aio,"
+                      "file.inject-error.0.iotype=write,"
+                      "file.inject-error.0.sector=65536,"
+                      "file.inject-error.0.errno=5",
+            "-device", "virtio-blk-pci,drive=disk0"]
+        sender, receiver, uri = self.launch_pair(
+            append=APPEND,
+            side_args=lambda n: mine if n == "sender" else theirs)
+        sender.wait_tick(2, timeout=BOOT_DEADLINE)
+        self.wait_diskchecks(sender, 2)
+        self.protect(sender, receiver, uri)
+        self.wait_checkpoints(sender, 2)
+        mark = sender.console_mark()
+        sender.qmp("human-monitor-command",
+                   command_line='qemu-io disk0 "write -P 0x11 32M 4k"')
+        wait_until(lambda: curling_info(sender)["status"] == "error", 60,
+                   "the sender to end protection")
+        error = sender.qmp("query-migrate").get("error-desc", "")
+        self.log.info("sender: %s", error)
+        self.assertIn("protection lost", error)
+        wait_until(lambda: not receiver.is_running(), 30,
+                   "the receiver to give up")
+        log = receiver.qemu_log_path.read_text(errors="replace")
+        self.assertRegex(log, r"writing \d+ bytes at 33554432 of drive "
+                              r"'disk0' failed: Input/output error")
+        self.assertIn("no checkpoint to resume from", log)
+        self.assertNotEqual(receiver.exitcode, 0,
+                            "the receiver ended as if nothing went wrong")
+        self.assertEqual(sender.qmp("query-status")["status"], "running")
+        self.wait_diskchecks(sender, 2, since=mark)
+        self.assert_diskchecks_ok(sender, since=mark)
+
+    def test_ext4_survives_kill(self) -> None:
+        """ext4 on the guest's disk, files created, appended to, renamed
+        and deleted all the time, each change fsynced before the guest
+        records it: after a kill -9 at a random moment the guest goes on
+        and reads back from its disk (page cache dropped) every file it
+        had recorded; after it unmounts, ``e2fsck -fn`` finds the
+        receiver's image clean."""
+        seed = int(os.environ.get("CURLING_SEED", time.time_ns() % 2**32))
+        self.log.info("random seed %d (set CURLING_SEED=%d to replay)",
+                      seed, seed)
+        rng = random.Random(seed)
+        assert self._tmpdir is not None
+        tmpdir = self._tmpdir
+
+        def side(name: str) -> list[str]:
+            args = self.disk_args(name, VIRTIO_BLK)
+            if name == "sender":
+                subprocess.run(["mkfs.ext4", "-q", "-F",
+                                str(tmpdir / "sender-disk0.img")],
+                               check=True)
+            return args
+
+        sender, receiver, uri = self.launch_pair(append=FS_APPEND,
+                                                 side_args=side)
+        sender.wait_tick(2, timeout=BOOT_DEADLINE)
+        wait_until(lambda: len(fs_reports(sender)) >= 2, 60,
+                   "the guest's file system workload to run")
+        self.protect(sender, receiver, uri)
+        mark = receiver.console_mark()
+        self.kill_round(sender, receiver, rng.uniform(0.5, 5.0),
+                        f"ext4 (seed {seed})")
+        before = fs_reports(sender)
+        self.assertTrue(all(m["check"] == "ok" for m in before),
+                        "the file system check failed on the sender")
+        wait_until(lambda: "curling: fs unmounted" in
+                   receiver.console()[mark:], FS_SECONDS * 4,
+                   "the resumed guest to finish and unmount")
+        after = fs_reports(receiver, since=mark)
+        self.assertGreaterEqual(len(after), 2)
+        bad = [m[0] for m in after if m["check"] != "ok"]
+        self.assertEqual(bad, [], "the file system check failed after "
+                                  "the failover")
+        self.assertGreater(int(after[-1]["checks"]),
+                           int(after[0]["checks"]))
+        self.assertRegex(receiver.console()[mark:],
+                         r"curling: fs unmounted ops=\d+ check=ok")
+        self.log.info("resumed guest: ops %s..%s, checks %s..%s",
+                      after[0]["ops"], after[-1]["ops"], after[0]["checks"],
+                      after[-1]["checks"])
+        receiver.qmp("quit")
+        wait_until(lambda: not receiver.is_running(), 30,
+                   "the receiver to quit")
+        fsck = subprocess.run(["e2fsck", "-fn",
+                               str(tmpdir / "receiver-disk0.img")],
+                              capture_output=True, text=True)
+        self.log.info("e2fsck -fn: rc %d\n%s%s", fsck.returncode,
+                      fsck.stdout, fsck.stderr)
+        self.assertEqual(fsck.returncode, 0,
+                         "e2fsck finds the receiver's image damaged")
+
+    def test_iothread_drive_refused(self) -> None:
+        """A writable drive in an I/O thread cannot be replicated: migrate
+        is refused, naming the drive, and nothing starts."""
+        iothread = ["-object", "iothread,id=io0"]
+        writable = self.disk_args("sender", (
+            ("disk0", "virtio-blk-pci,drive={drive},iothread=io0"),))
+        vm = self.launch_vm("sender", append="curling.mode=idle",
+                            extra_args=iothread + writable)
+        vm.wait_tick(1, timeout=BOOT_DEADLINE)
+        uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
+        with self.assertRaises(ExecuteError,
+                               msg="migrate with an I/O thread drive was "
+                                   "accepted") as cm:
+            vm.qmp("migrate", uri=uri)
+        self.check_refused(vm, uri, str(cm.exception),
+                           r"drive 'disk0' runs in an I/O thread")
