@@ -34,7 +34,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 from curlingtool import CurlingError  # noqa: E402
-from curlingtool import bench, netbench  # noqa: E402
+from curlingtool import bench, diskbench, netbench  # noqa: E402
 from curlingtool.vm import built_qemu_and_guest  # noqa: E402
 
 
@@ -56,6 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--net-intervals", default=None,
                    help="intervals (ms) of the network service rows; 'none' "
                    "skips them (they need root and iproute2)")
+    p.add_argument("--disk-intervals", default=None,
+                   help="intervals (ms) of the disk rows; 'none' skips them")
     p.add_argument("--out", default=None,
                    help="report folder (default docs/benchmarks/; "
                    "build/bench-quick/ with --quick)")
@@ -77,6 +79,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.window = args.window or (3.0 if quick else 5.0)
     args.reps = args.reps or (1 if quick else 3)
     args.failover_rounds = args.failover_rounds or (3 if quick else 10)
+    disk = args.disk_intervals or ("100" if quick else "25,100,500")
+    args.disk_intervals = ([] if disk == "none"
+                           else [int(i) for i in disk.split(",")])
     net = args.net_intervals or ("100" if quick else "25,50,100,200")
     args.net_intervals = ([] if net == "none"
                           else [int(i) for i in net.split(",")])
@@ -92,19 +97,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def report(out: pathlib.Path, meta: dict, windows: list[bench.Window],
            failover: dict[str, list[float]],
            progress: Callable[[str], None],
-           net: list[dict] | None = None) -> None:
+           net: list[dict] | None = None,
+           disk: list[dict] | None = None) -> None:
     """Summary, targets, JSON, plots and the markdown report, into out."""
     net = net or []
+    disk = disk or []
     rows = bench.summarise(windows, meta["memcpy_gb_s"] * 1e9)
     meta["noise"] = bench.noise_floor(windows)
-    net_targets = netbench.net_targets(net) if net else []
-    targets = bench.check_targets(rows, failover, meta["mem"]) + net_targets
+    colo_pauses = [r["pause_median_ms"] for r in rows
+                   if r["system"].startswith("colo") and
+                   r["interval"] == diskbench.TARGET_INTERVAL and
+                   r["pause_median_ms"]]
+    extra = ((netbench.net_targets(net) if net else []) +
+             (diskbench.disk_targets(disk, min(colo_pauses, default=None))
+              if disk else []))
+    targets = bench.check_targets(rows, failover, meta["mem"]) + extra
     bench.write_json(out / "bench.json", meta, windows, failover, targets,
-                     net)
+                     net, disk)
     plots = bench.plot(out, rows, windows)
     bench.write_report(out / "README.md", meta, rows, failover, plots,
-                       extra_targets=net_targets,
-                       sections=netbench.net_report(net))
+                       extra_targets=extra,
+                       sections=(netbench.net_report(net) +
+                                 diskbench.disk_report(disk)))
     for t in targets:
         progress(f"target {t['verdict'].strip('*')}: {t['target']}: {t['detail']}")
     progress(f"report: {out / 'README.md'}")
@@ -122,7 +136,8 @@ def main(argv: list[str]) -> int:
             return 1
         out.mkdir(parents=True, exist_ok=True)
         report(out, meta, windows, failover, print,
-               bench.read_net_json(pathlib.Path(args.from_json)))
+               bench.read_net_json(pathlib.Path(args.from_json)),
+               bench.read_disk_json(pathlib.Path(args.from_json)))
         return 0
     try:
         qemu, guest = built_qemu_and_guest(REPO)
@@ -156,6 +171,7 @@ def main(argv: list[str]) -> int:
     windows: list[bench.Window] = []
     failover: dict[str, list[float]] = {}
     net: list[dict] = []
+    disk: list[dict] = []
     try:
         for system in args.systems:
             for workload in args.workloads:
@@ -175,6 +191,15 @@ def main(argv: list[str]) -> int:
                                    runner.cpus, progress)
             net = [dataclasses.asdict(p)
                    for p in nb.run(args.net_intervals)]
+        if args.disk_intervals:
+            bench.write_json(out / "bench.json", meta, windows, failover,
+                             net=net)
+            db = diskbench.DiskBench(qemu, qemu.parent / "qemu-img", guest,
+                                     workdir, args.accel,
+                                     max(args.window, 5.0) * 2, bench.MEM,
+                                     runner.cpus, progress)
+            disk = [dataclasses.asdict(p)
+                    for p in db.run(args.disk_intervals)]
     except (CurlingError, AssertionError) as exc:
         print(f"error: {exc} (QEMU logs kept in {workdir}; samples measured "
               f"so far in {out / 'bench.json'}: --from-json reports them)")
@@ -182,7 +207,7 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"interrupted (QEMU logs in {workdir})")
         return 130
-    report(out, meta, windows, failover, progress, net)
+    report(out, meta, windows, failover, progress, net, disk)
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

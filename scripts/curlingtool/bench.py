@@ -565,19 +565,26 @@ def summarise(windows: list[Window], memcpy_bw: float = 0.0
 def write_json(path: pathlib.Path, meta: dict[str, Any], windows: list[Window],
                failover: dict[str, list[float]],
                targets: Optional[list[dict[str, str]]] = None,
-               net: Optional[list[dict[str, Any]]] = None) -> None:
+               net: Optional[list[dict[str, Any]]] = None,
+               disk: Optional[list[dict[str, Any]]] = None) -> None:
     path.write_text(json.dumps({
         "meta": meta,
         "targets": targets or [],
         "windows": [dataclasses.asdict(w) for w in windows],
         "failover_s": failover,
         "net": net or [],
+        "disk": disk or [],
     }, indent=1) + "\n")
 
 
 def read_net_json(path: pathlib.Path) -> list[dict[str, Any]]:
     """The network points of a bench.json (none in older ones)."""
     return list(json.loads(path.read_text()).get("net", []))
+
+
+def read_disk_json(path: pathlib.Path) -> list[dict[str, Any]]:
+    """The disk points of a bench.json (none in older ones)."""
+    return list(json.loads(path.read_text()).get("disk", []))
 
 
 def read_json(path: pathlib.Path) -> tuple[dict[str, Any], list[Window],

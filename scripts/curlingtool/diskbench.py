@@ -1,0 +1,347 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""What disk replication costs a guest that writes its disk, one run.
+
+The test guest runs a disk load on its virtio-blk disk (``curling.diskload``):
+sequential 64 KiB writes offered at 10 and at 50 MiB/s, and 4 KiB random
+writes each followed by fdatasync(), back to back. For each load: the guest
+unprotected, then protected at each interval (a fresh receiver with its own
+empty image each time, protection cancelled after the point), then
+unprotected again; the two unprotected windows give the baseline and the
+noise. Each side has its own raw image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import re
+import subprocess
+import time
+from typing import Any, Callable, Iterable, Optional
+
+from .vm import VM, free_tcp_port, guest_args, wait_until
+
+#: name -> kernel command line of the guest's disk load
+LOADS: dict[str, str] = {
+    "seq-10": "curling.diskload=seq curling.diskrate=10",
+    "seq-50": "curling.diskload=seq curling.diskrate=50",
+    "fsync-4k": "curling.diskload=fsync",
+}
+APPEND = "curling.mode=idle"
+DISK_SIZE = 128 * 1024 ** 2
+BANDWIDTH = 10 * 1024 ** 3
+DISKLOAD_RE = re.compile(
+    r"curling: diskload mode=\w+ ops=(?P<ops>\d+) bytes=(?P<bytes>\d+) "
+    r"lat_us=(?P<lat>\d+) max_us=(?P<max>\d+)")
+
+#: Targets, at this interval.
+TARGET_INTERVAL = 100
+TARGET_SEQ_LOAD = "seq-10"
+TARGET_SEQ_RATIO = 0.9
+TARGET_FSYNC_LOAD = "fsync-4k"
+#: fsync latency "unchanged": within the noise of the two unprotected
+#: windows, and at least this much.
+MIN_LATENCY_TOLERANCE = 0.10
+
+
+@dataclasses.dataclass
+class DiskSample:
+    """What the guest reported over one window."""
+    mib_s: float
+    ops_s: float
+    latency_ms: float           # mean, per operation
+    latency_max_ms: float
+
+
+@dataclasses.dataclass
+class DiskPoint:
+    """One configuration's measurements."""
+    load: str
+    system: str                 # "none" or "curling"
+    interval: Optional[int]
+    mib_s: float
+    ops_s: float
+    latency_ms: float
+    latency_max_ms: float
+    checkpoints_per_s: Optional[float] = None
+    mean_bytes: Optional[int] = None        # per checkpoint, all of it
+    disk_mean_bytes: Optional[int] = None   # per checkpoint, disk data
+    pause_ms: Optional[float] = None        # mean
+    receiver_rss_mb: Optional[float] = None
+
+
+def parse_diskload(text: str) -> list[tuple[int, int, int, int]]:
+    """(ops, bytes, latency sum us, max us since the previous line) of
+    every diskload line."""
+    return [(int(m["ops"]), int(m["bytes"]), int(m["lat"]), int(m["max"]))
+            for m in DISKLOAD_RE.finditer(text)]
+
+
+def window_sample(lines: list[tuple[int, int, int, int]],
+                  seconds: float) -> DiskSample:
+    """Rates and latency between the first and the last of ``lines``,
+    which span ``seconds``."""
+    if len(lines) < 2 or seconds <= 0:
+        raise AssertionError("the guest's disk load reported nothing")
+    ops = lines[-1][0] - lines[0][0]
+    nbytes = lines[-1][1] - lines[0][1]
+    lat = lines[-1][2] - lines[0][2]
+    return DiskSample(mib_s=nbytes / 1024 ** 2 / seconds,
+                      ops_s=ops / seconds,
+                      latency_ms=lat / 1000 / ops if ops else 0.0,
+                      latency_max_ms=max(m for *_, m in lines[1:]) / 1000)
+
+
+def rss_mb(pid: int) -> Optional[float]:
+    try:
+        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class DiskBench:
+    """Runs the disk measurements; ``progress`` gets a line per step."""
+
+    def __init__(self, qemu: pathlib.Path, qemu_img: pathlib.Path,
+                 guest: Any, workdir: pathlib.Path, accel: str,
+                 window: float, mem: str, cpus: tuple[int, int],
+                 progress: Callable[[str], None]) -> None:
+        self.qemu = qemu
+        self.qemu_img = qemu_img
+        self.guest = guest
+        self.workdir = workdir
+        self.accel = accel
+        self.window = window
+        self.mem = mem
+        self.cpus = cpus
+        self.progress = progress
+        self._n = 0
+
+    def image(self, name: str) -> pathlib.Path:
+        path = self.workdir / f"{name}.img"
+        path.unlink(missing_ok=True)
+        subprocess.run([str(self.qemu_img), "create", "-q", "-f", "raw",
+                        str(path), str(DISK_SIZE)], check=True)
+        return path
+
+    def launch(self, name: str, load: str,
+               incoming: Optional[str] = None) -> VM:
+        self._n += 1
+        console = self.workdir / f"disk-{name}-console.log"
+        console.touch()
+        image = self.image(f"disk-{name}")
+        args = guest_args(self.qemu, self.guest, name, accel=self.accel,
+                          console=console,
+                          qmp_path=self.workdir / f"disk-{name}.qmp",
+                          incoming=incoming, mem=self.mem,
+                          append=f"{APPEND} {LOADS[load]}",
+                          extra_args=[
+                              "-drive", f"if=none,id=disk0,file={image},"
+                                        "format=raw",
+                              "-device", "virtio-blk-pci,drive=disk0"])
+        cpu = self.cpus[1] if incoming else self.cpus[0]
+        vm = VM(name, args, console, self.workdir / f"disk-{name}-qemu.log",
+                self.workdir / f"disk-{name}.qmp", logging.getLogger(name),
+                cpu_affinity={cpu})
+        vm.launch()
+        return vm
+
+    def sample(self, vm: VM) -> DiskSample:
+        start = len(vm.console())
+        t0 = time.monotonic()
+        time.sleep(self.window)
+        lines = parse_diskload(vm.console()[start:])
+        # Each line is a second apart: the window spans one fewer seconds.
+        return window_sample(lines, float(len(lines) - 1)
+                             if len(lines) > 1 else time.monotonic() - t0)
+
+    def point(self, load: str, system: str, interval: Optional[int],
+              s: DiskSample) -> DiskPoint:
+        return DiskPoint(load, system, interval, s.mib_s, s.ops_s,
+                         s.latency_ms, s.latency_max_ms)
+
+    def measure_protected(self, load: str, interval: int,
+                          sender: VM) -> DiskPoint:
+        uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
+        receiver = self.launch(f"receiver{self._n}", load, uri)
+        try:
+            sender.qmp("migrate-set-parameters", max_bandwidth=BANDWIDTH,
+                       curling_interval=interval)
+            sender.qmp("migrate", uri=uri)
+            wait_until(lambda: sender.qmp("query-curling")["status"]
+                       == "protecting", 180, "protection", 0.1)
+            info0 = sender.qmp("query-curling")
+            t0 = time.monotonic()
+            p = self.point(load, "curling", interval, self.sample(sender))
+            t1 = time.monotonic()
+            info1 = sender.qmp("query-curling")
+            n = info1["checkpoints"] - info0["checkpoints"]
+            p.checkpoints_per_s = n / (t1 - t0)
+            if n:
+                p.mean_bytes = round(
+                    (info1["mean-bytes"] * info1["checkpoints"] -
+                     info0["mean-bytes"] * info0["checkpoints"]) / n)
+                p.disk_mean_bytes = round(
+                    (info1["disk-mean-bytes"] * info1["checkpoints"] -
+                     info0["disk-mean-bytes"] * info0["checkpoints"]) / n)
+                p.pause_ms = ((info1["mean-pause"] * info1["checkpoints"] -
+                               info0["mean-pause"] * info0["checkpoints"]) / n)
+            p.receiver_rss_mb = rss_mb(receiver.pid)
+            sender.qmp("migrate_cancel")
+            wait_until(lambda: sender.qmp("query-curling")["status"]
+                       == "cancelled", 30, "cancel", 0.1)
+        finally:
+            receiver.kill()
+        return p
+
+    def run(self, intervals: Iterable[int]) -> list[DiskPoint]:
+        points: list[DiskPoint] = []
+        for load in LOADS:
+            sender = self.launch(f"sender-{load}", load)
+            try:
+                wait_until(lambda: len(parse_diskload(sender.console())) >= 3,
+                           180, "the guest's disk load", 0.5)
+                p = self.point(load, "none", None, self.sample(sender))
+                points.append(p)
+                self.progress(self.describe(p))
+                for interval in intervals:
+                    p = self.measure_protected(load, interval, sender)
+                    points.append(p)
+                    self.progress(self.describe(p))
+                p = self.point(load, "none", None, self.sample(sender))
+                points.append(p)
+                self.progress(self.describe(p))
+            finally:
+                sender.kill()
+        return points
+
+    @staticmethod
+    def describe(p: DiskPoint) -> str:
+        return (f"disk {p.load} {p.system} interval {p.interval}: "
+                f"{p.mib_s:.1f} MiB/s, {p.ops_s:.0f} ops/s, latency mean "
+                f"{p.latency_ms:.2f} ms, max {p.latency_max_ms:.1f} ms"
+                + (f", {p.checkpoints_per_s:.1f} ckpt/s, disk "
+                   f"{p.disk_mean_bytes} B/ckpt, pause {p.pause_ms:.2f} ms"
+                   if p.checkpoints_per_s is not None and p.pause_ms
+                   is not None else ""))
+
+
+def baseline(points: list[dict[str, Any]], load: str
+             ) -> tuple[Optional[dict[str, float]], float, float]:
+    """(mean of the unprotected windows of ``load``, their throughput
+    noise, their latency noise) - noise as |a - b| / mean."""
+    base = [p for p in points if p["load"] == load and p["system"] == "none"]
+    if not base:
+        return None, 0.0, 0.0
+    mean = {k: sum(p[k] for p in base) / len(base)
+            for k in ("mib_s", "ops_s", "latency_ms")}
+
+    def noise(key: str) -> float:
+        vals = [p[key] for p in base]
+        return ((max(vals) - min(vals)) / mean[key]
+                if len(vals) > 1 and mean[key] else 0.0)
+
+    return mean, noise("mib_s"), noise("latency_ms")
+
+
+def disk_targets(points: list[dict[str, Any]],
+                 colo_pause_ms: Optional[float]) -> list[dict[str, str]]:
+    """The disk targets, each met, missed or not measured.
+    ``colo_pause_ms``: COLO's lowest median pause of the main rows at
+    TARGET_INTERVAL, if measured."""
+    out = []
+
+    def add(target: str, ok: Optional[bool], detail: str) -> None:
+        verdict = ("not measured" if ok is None
+                   else ("met" if ok else "**missed**"))
+        out.append({"target": target, "verdict": verdict, "detail": detail})
+
+    def at(load: str) -> Optional[dict[str, Any]]:
+        return next((p for p in points if p["load"] == load and
+                     p["system"] == "curling" and
+                     p["interval"] == TARGET_INTERVAL), None)
+
+    name = (f"{TARGET_SEQ_LOAD} write throughput >= {TARGET_SEQ_RATIO:.0%} "
+            f"of unprotected (interval {TARGET_INTERVAL} ms)")
+    base, noise, _ = baseline(points, TARGET_SEQ_LOAD)
+    p = at(TARGET_SEQ_LOAD)
+    if base and p and base["mib_s"]:
+        ratio = p["mib_s"] / base["mib_s"]
+        add(name, ratio >= TARGET_SEQ_RATIO,
+            f"{p['mib_s']:.1f} vs {base['mib_s']:.1f} MiB/s: {ratio:.0%} "
+            f"(unprotected windows differ by {noise:.0%})")
+    else:
+        add(name, None, "no disk points")
+
+    base, _, noise = baseline(points, TARGET_FSYNC_LOAD)
+    tolerance = max(noise, MIN_LATENCY_TOLERANCE)
+    name = (f"{TARGET_FSYNC_LOAD} write+fdatasync latency unchanged within "
+            f"the noise (interval {TARGET_INTERVAL} ms)")
+    p = at(TARGET_FSYNC_LOAD)
+    if base and p and base["latency_ms"]:
+        ratio = p["latency_ms"] / base["latency_ms"]
+        add(name, ratio <= 1 + tolerance,
+            f"mean {p['latency_ms']:.3f} vs {base['latency_ms']:.3f} ms: "
+            f"{ratio - 1:+.0%} (tolerance {tolerance:.0%}: the unprotected "
+            f"windows' difference, at least {MIN_LATENCY_TOLERANCE:.0%})")
+    else:
+        add(name, None, "no disk points")
+
+    name = (f"pause with disk writes below COLO's (interval "
+            f"{TARGET_INTERVAL} ms)")
+    pauses = [q["pause_ms"] for q in points if q["system"] == "curling" and
+              q["interval"] == TARGET_INTERVAL and q["pause_ms"] is not None]
+    if pauses and colo_pause_ms is not None:
+        add(name, max(pauses) < colo_pause_ms,
+            f"Curling mean pause at most {max(pauses):.2f} ms with each disk "
+            f"load; COLO's lowest median pause {colo_pause_ms:.2f} ms "
+            f"(memory workloads, no disk)")
+    else:
+        add(name, None, "no disk points or no COLO rows")
+    return out
+
+
+def _f(value: Any, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def disk_report(points: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines of the disk section."""
+    if not points:
+        return []
+    out = ["## Disks (replication)", "",
+           "The guest writes its virtio-blk disk (its own 128 MiB raw image "
+           "on each side): seq-10 and seq-50 offer sequential 64 KiB "
+           "O_DIRECT writes at 10 and 50 MiB/s, fsync-4k writes 4 KiB at "
+           "random offsets with fdatasync() after each, back to back. "
+           "Latency: one write (plus its fdatasync), mean over the window "
+           "and the longest. Unprotected windows before and after the "
+           "protected ones; the ratio is to their mean. Per checkpoint: "
+           "all bytes, and the disk data among them. COLO's disk set-up "
+           "(quorum, NBD and its replication driver on both sides) is not "
+           "measured here.", "",
+           "| load | system | interval ms | MiB/s | ops/s | of unprotected "
+           "| latency mean ms | max ms | ckpt/s | bytes/ckpt | disk bytes/ckpt "
+           "| pause mean ms | receiver RSS MB |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in points:
+        base, _, _ = baseline(points, p["load"])
+        ratio = (p["ops_s"] / base["ops_s"]
+                 if base and base["ops_s"] else None)
+        out.append(
+            f"| {p['load']} "
+            f"| {'Curling' if p['system'] == 'curling' else 'unprotected'} "
+            f"| {p['interval'] or '-'} | {p['mib_s']:.1f} | {p['ops_s']:.0f} "
+            f"| {_f(ratio, '.0%')} | {p['latency_ms']:.3f} "
+            f"| {p['latency_max_ms']:.1f} "
+            f"| {_f(p.get('checkpoints_per_s'), '.1f')} "
+            f"| {_f(p.get('mean_bytes'), 'd')} "
+            f"| {_f(p.get('disk_mean_bytes'), 'd')} "
+            f"| {_f(p.get('pause_ms'), '.3f')} "
+            f"| {_f(p.get('receiver_rss_mb'), '.0f')} |")
+    out.append("")
+    return out
