@@ -9,7 +9,10 @@ build/guest (run scripts/build.py first): a sender that runs the guest and
 a receiver listening on curling:tcp:127.0.0.1:PORT. It protects the guest,
 prints the guest's ticks and the Curling statistics for a few seconds,
 kills the sender with SIGKILL and shows the receiver carrying on from the
-last checkpoint. Everything it starts ends with it.
+last checkpoint. The guest also rewrites blocks of its disk and checks
+them against what its memory says it wrote; each QEMU has its own image,
+and the receiver's holds the sender's disk as of the checkpoint it
+resumes. Everything it starts ends with it.
 
 Run as root (with iproute2), the guest also serves a TCP stream on a
 private network (a namespace with a bridge and a tap per QEMU), and a
@@ -24,6 +27,7 @@ import logging
 import os
 import pathlib
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,11 +49,16 @@ def launch(qemu: pathlib.Path, name: str, workdir: pathlib.Path, guest,
            lab: NetLab | None = None) -> VM:
     console = workdir / f"{name}-console.log"
     console.touch()
-    append = "curling.mode=dirty curling.rate=4"
-    extra: list[str] = []
+    append = "curling.mode=dirty curling.rate=4 curling.diskcheck=vda"
+    # Each side its own disk image: the receiver's starts empty.
+    image = workdir / f"{name}-disk0.img"
+    subprocess.run([str(qemu.parent / "qemu-img"), "create", "-q", "-f",
+                    "raw", str(image), "64M"], check=True)
+    extra = ["-drive", f"if=none,id=disk0,file={image},format=raw",
+             "-device", "virtio-blk-pci,drive=disk0"]
     if lab is not None:
         append += f" curling.serve=1 curling.ip={GUEST_IP}/{PREFIX}"
-        extra = netdev_args(lab.add_tap(f"tap-{name}"))
+        extra += netdev_args(lab.add_tap(f"tap-{name}"))
     args = guest_args(qemu, guest, name, accel=os.environ.get("CURLING_ACCEL", "tcg"),
                       console=console, qmp_path=workdir / f"{name}.qmp",
                       incoming=incoming, machine=machine,
@@ -69,6 +78,9 @@ def show(vm: VM, what: str, client: NetClient | None = None) -> None:
     size = f", {info['last-bytes'] / 1e6:.2f} MB" if "last-bytes" in info else ""
     print(f"  {what:9} {tick.line if tick else '(no tick yet)':48} "
           f"[{info['status']}, checkpoint {info['sequence']}{size}{pause}]")
+    disk = vm.diskchecks()
+    if disk:
+        print(f"  {'disk':9} {disk[-1].line}")
     if client is not None:
         st = client.status()
         print(f"  {'client':9} TCP stream from the guest: {st.get('items', 0)} "
@@ -141,6 +153,12 @@ def main() -> int:
             bad = [t.line for t in ticks if not t.ok]
             print("5. the guest carries on: "
                   + ("self-check clean" if not bad else f"SELF-CHECK FAILED: {bad[0]}"))
+            disk_bad = [c.line for c in receiver.diskchecks() if not c.ok]
+            bad += disk_bad
+            print("   its disk (the receiver's own image, written only from "
+                  "committed checkpoints) holds what its memory says it "
+                  "wrote: " + ("yes" if not disk_bad
+                              else f"NO: {disk_bad[0]}"))
             if client is not None:
                 st = client.stop()
                 bad += st.get("errors", []) + st.get("fatal", [])
