@@ -19,8 +19,8 @@ import time
 from qemu.qmp import ExecuteError
 
 from curling_test import (GUEST_MAC, VM, CurlingTest, NetClient,
-                          curling_info, free_tcp_port, netdev_args,
-                          wait_until)
+                          WaitTimeout, curling_info, free_tcp_port,
+                          netdev_args, wait_until)
 
 #: Seconds from QEMU start to a guest that serves.
 BOOT_DEADLINE = 120.0
@@ -56,7 +56,14 @@ class CurlingNetwork(CurlingTest):
             started = time.monotonic()
             self.protect(sender, receiver, uri)
             protected = time.monotonic()
-            self.wait_client(client, FLOWING, timeout=60)
+            try:
+                self.wait_client(client, FLOWING, timeout=60)
+            except WaitTimeout:
+                self.log.error("%s: output stopped while protecting: sender "
+                               "%s; receiver %s; client %s", label,
+                               curling_info(sender), curling_info(receiver),
+                               client.status())
+                raise
             info = curling_info(sender)
             self.log.info("%s: protecting after %.1f s, output flowing %.1f s "
                           "later; %d checkpoints (%d by output), held %d, "
