@@ -599,8 +599,58 @@ def read_json(path: pathlib.Path) -> tuple[dict[str, Any], list[Window],
     return data["meta"], windows, data["failover_s"]
 
 
-def _fmt(value: Any, spec: str = ".2f") -> str:
+class SectionBench:
+    """What the extra sections of the benchmark (network, disks) share:
+    the QEMU and guest, a work folder, the window, and VMs pinned as the
+    main rows pin them (a sender on the first CPU, a receiver on the
+    second). ``progress`` gets a line per step."""
+
+    #: Prefix of the files of this section's VMs in the work folder.
+    PREFIX = "section"
+
+    def __init__(self, qemu: pathlib.Path, guest: Any, workdir: pathlib.Path,
+                 accel: str, window: float, mem: str, cpus: tuple[int, int],
+                 progress: Callable[[str], None]) -> None:
+        self.qemu = qemu
+        self.guest = guest
+        self.workdir = workdir
+        self.accel = accel
+        self.window = window
+        self.mem = mem
+        self.cpus = cpus
+        self.progress = progress
+
+    def start_vm(self, name: str, append: str, extra_args: list[str],
+                 incoming: Optional[str] = None,
+                 wrap: Callable[[list[str]], list[str]] = lambda a: a) -> VM:
+        """Launch the test guest as ``name`` (a receiver when
+        ``incoming``); ``wrap`` turns the command line into the one to
+        run (e.g. inside a network namespace)."""
+        base = self.workdir / f"{self.PREFIX}-{name}"
+        console = base.with_name(base.name + "-console.log")
+        console.touch()
+        qmp = base.with_name(base.name + ".qmp")
+        args = guest_args(self.qemu, self.guest, name, accel=self.accel,
+                          console=console, qmp_path=qmp, incoming=incoming,
+                          mem=self.mem, append=append, extra_args=extra_args)
+        cpu = self.cpus[1] if incoming else self.cpus[0]
+        vm = VM(name, wrap(args), console,
+                base.with_name(base.name + "-qemu.log"), qmp,
+                logging.getLogger(name), cpu_affinity={cpu})
+        vm.launch()
+        return vm
+
+
+def fmt(value: Any, spec: str = ".2f") -> str:
+    """``value`` formatted, or "-" when it was not measured."""
     return "-" if value is None else format(value, spec)
+
+
+def target(name: str, ok: Optional[bool], detail: str) -> dict[str, str]:
+    """One target of the report: met, missed or not measured."""
+    return {"target": name, "detail": detail,
+            "verdict": "not measured" if ok is None
+            else "met" if ok else "**missed**"}
 
 
 def mem_bytes(mem: str) -> int:
@@ -614,10 +664,8 @@ def check_targets(rows: list[dict[str, Any]], failover: dict[str, list[float]],
     """The targets of the benchmark, each met, missed or not measured."""
     out: list[dict[str, str]] = []
 
-    def add(target: str, ok: Optional[bool], detail: str) -> None:
-        out.append({"target": target, "detail": detail,
-                    "verdict": "not measured" if ok is None
-                    else "met" if ok else "**missed**"})
+    def add(name: str, ok: Optional[bool], detail: str) -> None:
+        out.append(target(name, ok, detail))
 
     def row(system: str, workload: str, interval: int) -> Optional[dict[str, Any]]:
         return next((r for r in rows if (r["system"], r["workload"], r["interval"])
@@ -719,12 +767,12 @@ def write_report(path: pathlib.Path, meta: dict[str, Any],
                   f"{r['throughput_min']:.0%}..{r['throughput_max']:.0%}")
         out.append(
             f"| {r['system']} | {r['workload']} | {r['interval']} "
-            f"| {_fmt(r['throughput_ratio'], '.1%')} | {spread} "
+            f"| {fmt(r['throughput_ratio'], '.1%')} | {spread} "
             f"| {r['checkpoints_per_s']:.1f} "
-            f"| {_fmt(r['pause_median_ms'])} | {_fmt(r['pause_p99_ms'])} "
-            f"| {_fmt(r['pause_max_ms'])} | {r['stalls']} "
-            f"| {_fmt(bpc and bpc / 1e6, '.3f')} | {_fmt(stop and stop / 1e3, '.1f')} "
-            f"| {_fmt(r['bound_ms'], '.4f')} | {_fmt(r['pause_vs_bound'], '.0f')} "
+            f"| {fmt(r['pause_median_ms'])} | {fmt(r['pause_p99_ms'])} "
+            f"| {fmt(r['pause_max_ms'])} | {r['stalls']} "
+            f"| {fmt(bpc and bpc / 1e6, '.3f')} | {fmt(stop and stop / 1e3, '.1f')} "
+            f"| {fmt(r['bound_ms'], '.4f')} | {fmt(r['pause_vs_bound'], '.0f')} "
             f"| {r['bandwidth_mb_s']:.1f} | {r['sender_cpu']:.0%} "
             f"| {r['receiver_cpu']:.0%} | {r['receiver_rss_mb']:.0f} |")
     out += ["", "Throughput: the guest's work per host second protected, divided "
@@ -749,7 +797,7 @@ def write_report(path: pathlib.Path, meta: dict[str, Any],
                 f"| {r['workload']} | {r['interval']} | {r['phase_stop_us']:.0f} "
                 f"| {r['phase_ram_us']:.0f} | {r['phase_devices_us']:.0f} "
                 f"| {r['phase_start_us']:.0f} | {r['stop_bytes'] / 1e3:.1f} "
-                f"| {_fmt(r['pause_median_ms'])} |")
+                f"| {fmt(r['pause_median_ms'])} |")
         out.append("")
     if failover:
         out += [f"## Failover time ({accel})", "",

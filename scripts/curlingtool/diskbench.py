@@ -13,14 +13,14 @@ noise. Each side has its own raw image.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import pathlib
 import re
 import subprocess
 import time
 from typing import Any, Callable, Iterable, Optional
 
-from .vm import VM, free_tcp_port, guest_args, wait_until
+from .bench import SectionBench, fmt, target
+from .vm import VM, free_tcp_port, wait_until
 
 #: name -> kernel command line of the guest's disk load
 LOADS: dict[str, str] = {
@@ -103,22 +103,15 @@ def rss_mb(pid: int) -> Optional[float]:
     return None
 
 
-class DiskBench:
+class DiskBench(SectionBench):
     """Runs the disk measurements; ``progress`` gets a line per step."""
 
+    PREFIX = "disk"
+
     def __init__(self, qemu: pathlib.Path, qemu_img: pathlib.Path,
-                 guest: Any, workdir: pathlib.Path, accel: str,
-                 window: float, mem: str, cpus: tuple[int, int],
-                 progress: Callable[[str], None]) -> None:
-        self.qemu = qemu
+                 *args: Any, **kwargs: Any) -> None:
+        super().__init__(qemu, *args, **kwargs)
         self.qemu_img = qemu_img
-        self.guest = guest
-        self.workdir = workdir
-        self.accel = accel
-        self.window = window
-        self.mem = mem
-        self.cpus = cpus
-        self.progress = progress
         self._n = 0
 
     def image(self, name: str) -> pathlib.Path:
@@ -131,24 +124,12 @@ class DiskBench:
     def launch(self, name: str, load: str,
                incoming: Optional[str] = None) -> VM:
         self._n += 1
-        console = self.workdir / f"disk-{name}-console.log"
-        console.touch()
         image = self.image(f"disk-{name}")
-        args = guest_args(self.qemu, self.guest, name, accel=self.accel,
-                          console=console,
-                          qmp_path=self.workdir / f"disk-{name}.qmp",
-                          incoming=incoming, mem=self.mem,
-                          append=f"{APPEND} {LOADS[load]}",
-                          extra_args=[
-                              "-drive", f"if=none,id=disk0,file={image},"
+        return self.start_vm(name, f"{APPEND} {LOADS[load]}",
+                             ["-drive", f"if=none,id=disk0,file={image},"
                                         "format=raw",
-                              "-device", "virtio-blk-pci,drive=disk0"])
-        cpu = self.cpus[1] if incoming else self.cpus[0]
-        vm = VM(name, args, console, self.workdir / f"disk-{name}-qemu.log",
-                self.workdir / f"disk-{name}.qmp", logging.getLogger(name),
-                cpu_affinity={cpu})
-        vm.launch()
-        return vm
+                              "-device", "virtio-blk-pci,drive=disk0"],
+                             incoming)
 
     def sample(self, vm: VM) -> DiskSample:
         start = len(vm.console())
@@ -255,10 +236,8 @@ def disk_targets(points: list[dict[str, Any]],
     TARGET_INTERVAL, if measured."""
     out = []
 
-    def add(target: str, ok: Optional[bool], detail: str) -> None:
-        verdict = ("not measured" if ok is None
-                   else ("met" if ok else "**missed**"))
-        out.append({"target": target, "verdict": verdict, "detail": detail})
+    def add(name: str, ok: Optional[bool], detail: str) -> None:
+        out.append(target(name, ok, detail))
 
     def at(load: str) -> Optional[dict[str, Any]]:
         return next((p for p in points if p["load"] == load and
@@ -305,10 +284,6 @@ def disk_targets(points: list[dict[str, Any]],
     return out
 
 
-def _f(value: Any, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def disk_report(points: list[dict[str, Any]]) -> list[str]:
     """Markdown lines of the disk section."""
     if not points:
@@ -336,12 +311,12 @@ def disk_report(points: list[dict[str, Any]]) -> list[str]:
             f"| {p['load']} "
             f"| {'Curling' if p['system'] == 'curling' else 'unprotected'} "
             f"| {p['interval'] or '-'} | {p['mib_s']:.1f} | {p['ops_s']:.0f} "
-            f"| {_f(ratio, '.0%')} | {p['latency_ms']:.3f} "
+            f"| {fmt(ratio, '.0%')} | {p['latency_ms']:.3f} "
             f"| {p['latency_max_ms']:.1f} "
-            f"| {_f(p.get('checkpoints_per_s'), '.1f')} "
-            f"| {_f(p.get('mean_bytes'), 'd')} "
-            f"| {_f(p.get('disk_mean_bytes'), 'd')} "
-            f"| {_f(p.get('pause_ms'), '.3f')} "
-            f"| {_f(p.get('receiver_rss_mb'), '.0f')} |")
+            f"| {fmt(p.get('checkpoints_per_s'), '.1f')} "
+            f"| {fmt(p.get('mean_bytes'), 'd')} "
+            f"| {fmt(p.get('disk_mean_bytes'), 'd')} "
+            f"| {fmt(p.get('pause_ms'), '.3f')} "
+            f"| {fmt(p.get('receiver_rss_mb'), '.0f')} |")
     out.append("")
     return out

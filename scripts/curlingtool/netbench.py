@@ -13,16 +13,16 @@ has a fresh receiver, and protection is cancelled after it.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import pathlib
 import subprocess
 import time
 from typing import Any, Callable, Iterable, Optional
 
+from .bench import SectionBench, fmt, target
 from .netlab import (GUEST_IP, PREFIX, NetClient, NetLab, check_available,
                      netdev_args)
-from .vm import VM, free_tcp_port, guest_args, wait_until
+from .vm import VM, free_tcp_port, wait_until
 
 #: Connections of the request/response client.
 RR_CONNECTIONS = 32
@@ -56,20 +56,13 @@ class NetPoint:
     dropped_packets: Optional[int] = None
 
 
-class NetBench:
+class NetBench(SectionBench):
     """Runs the network measurements; ``progress`` gets a line per step."""
 
-    def __init__(self, qemu: pathlib.Path, guest: Any, workdir: pathlib.Path,
-                 accel: str, window: float, mem: str, cpus: tuple[int, int],
-                 progress: Callable[[str], None]) -> None:
-        self.qemu = qemu
-        self.guest = guest
-        self.workdir = workdir
-        self.accel = accel
-        self.window = window
-        self.mem = mem
-        self.cpus = cpus
-        self.progress = progress
+    PREFIX = "net"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.lab: Optional[NetLab] = None
         self._n = 0
 
@@ -77,20 +70,8 @@ class NetBench:
         assert self.lab is not None
         self._n += 1
         tap = self.lab.add_tap(f"tap-b{self._n}")
-        console = self.workdir / f"net-{name}-console.log"
-        console.touch()
-        args = guest_args(self.qemu, self.guest, name, accel=self.accel,
-                          console=console,
-                          qmp_path=self.workdir / f"net-{name}.qmp",
-                          incoming=incoming, mem=self.mem, append=APPEND,
-                          extra_args=netdev_args(tap))
-        cpu = self.cpus[1] if incoming else self.cpus[0]
-        vm = VM(name, self.lab.wrap(args), console,
-                self.workdir / f"net-{name}-qemu.log",
-                self.workdir / f"net-{name}.qmp", logging.getLogger(name),
-                cpu_affinity={cpu})
-        vm.launch()
-        return vm
+        return self.start_vm(name, APPEND, netdev_args(tap), incoming,
+                             self.lab.wrap)
 
     def client(self, mode: str, connections: int = 1) -> dict[str, Any]:
         assert self.lab is not None
@@ -184,9 +165,8 @@ def net_targets(points: list[dict[str, Any]]) -> list[dict[str, str]]:
               None)
     out = []
 
-    def add(target: str, ok: Optional[bool], detail: str) -> None:
-        verdict = "not measured" if ok is None else ("met" if ok else "**missed**")
-        out.append({"target": target, "verdict": verdict, "detail": detail})
+    def add(name: str, ok: Optional[bool], detail: str) -> None:
+        out.append(target(name, ok, detail))
 
     name = (f"added median request/response latency <= "
             f"{TARGET_ADDED_MEDIAN_MS:g} ms (interval {TARGET_INTERVAL} ms, "
@@ -197,7 +177,7 @@ def net_targets(points: list[dict[str, Any]]) -> list[dict[str, str]]:
         add(name, added <= TARGET_ADDED_MEDIAN_MS,
             f"{at['rr_median_ms']:.2f} ms vs {base['rr_median_ms']:.2f} ms "
             f"unprotected: +{added:.2f} ms; checkpoint cycle "
-            f"{_f(at.get('cycle_ms'))} ms")
+            f"{fmt(at.get('cycle_ms'))} ms")
     else:
         add(name, None, "no network points")
     name = (f"request/response rate >= {TARGET_RATE_RATIO:.0%} of unprotected "
@@ -210,10 +190,6 @@ def net_targets(points: list[dict[str, Any]]) -> list[dict[str, str]]:
     else:
         add(name, None, "no network points")
     return out
-
-
-def _f(value: Any, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def net_report(points: list[dict[str, Any]]) -> list[str]:
@@ -242,12 +218,12 @@ def net_report(points: list[dict[str, Any]]) -> list[str]:
             f"| {'Curling' if p['system'] == 'curling' else 'unprotected'} "
             f"| {p['interval'] or '-'} "
             f"| {'-' if p['output_triggered'] is None else ('yes' if p['output_triggered'] else 'no')} "
-            f"| {p['rr_per_s']:.0f} | {_f(rr_ratio, '.0%')} "
-            f"| {_f(p['rr_median_ms'])} | {_f(p['rr_p99_ms'])} "
-            f"| {p['bulk_mbit_s']:.0f} | {_f(bulk_ratio, '.0%')} "
-            f"| {_f(p.get('checkpoints_per_s'), '.1f')} "
-            f"| {_f(p.get('cycle_ms'))} "
-            f"| {_f(p.get('release_delay_mean_ms'))} "
+            f"| {p['rr_per_s']:.0f} | {fmt(rr_ratio, '.0%')} "
+            f"| {fmt(p['rr_median_ms'])} | {fmt(p['rr_p99_ms'])} "
+            f"| {p['bulk_mbit_s']:.0f} | {fmt(bulk_ratio, '.0%')} "
+            f"| {fmt(p.get('checkpoints_per_s'), '.1f')} "
+            f"| {fmt(p.get('cycle_ms'))} "
+            f"| {fmt(p.get('release_delay_mean_ms'))} "
             f"| {'-' if p.get('dropped_packets') is None else p['dropped_packets']} |")
     out.append("")
     return out
