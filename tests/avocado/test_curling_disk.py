@@ -16,6 +16,7 @@ import os
 import pathlib
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -43,6 +44,11 @@ FS_APPEND = (f"curling.mode=dirty curling.rate=4 curling.fs=vda "
              f"curling.fstime={FS_SECONDS}")
 FS_RE = re.compile(r"curling: fs dev=\w+ ops=(?P<ops>\d+) "
                    r"checks=(?P<checks>\d+) files=\d+ check=(?P<check>\w+)")
+
+
+def sbin(tool: str) -> str:
+    """e2fsprogs' ``tool``, also when /usr/sbin is not on PATH."""
+    return shutil.which(tool) or f"/usr/sbin/{tool}"
 
 
 def fs_reports(vm: VM, since: int = 0) -> list[re.Match[str]]:
@@ -253,7 +259,7 @@ class CurlingDisk(CurlingTest):
         def side(name: str) -> list[str]:
             args = self.disk_args(name, VIRTIO_BLK)
             if name == "sender":
-                subprocess.run(["mkfs.ext4", "-q", "-F",
+                subprocess.run([sbin("mkfs.ext4"), "-q", "-F",
                                 str(tmpdir / "sender-disk0.img")],
                                check=True)
             return args
@@ -288,7 +294,7 @@ class CurlingDisk(CurlingTest):
         receiver.qmp("quit")
         wait_until(lambda: not receiver.is_running(), 30,
                    "the receiver to quit")
-        fsck = subprocess.run(["e2fsck", "-fn",
+        fsck = subprocess.run([sbin("e2fsck"), "-fn",
                                str(tmpdir / "receiver-disk0.img")],
                               capture_output=True, text=True)
         self.log.info("e2fsck -fn: rc %d\n%s%s", fsck.returncode,
