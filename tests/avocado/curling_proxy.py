@@ -101,14 +101,43 @@ def split_checkpoint(payload: bytes) -> tuple[bytes, bytes]:
     return payload[8:8 + ram_len], payload[8 + ram_len:]
 
 
+# Disk records of the "curling-disk" section, which follows RAM in the
+# RAM part: a 64-bit offset and flags word, then a counted drive name
+# (DRIVE), a 64-bit size (SIZE), or a 32-bit length and the data (DATA).
+DISK_DATA, DISK_DRIVE, DISK_EOS, DISK_SIZE = 0x01, 0x04, 0x08, 0x20
+DISK_FLAG_MASK = 0xffff
+
+
+def skip_disk_records(ram: bytes, pos: int) -> int:
+    """Offset in ``ram`` just past the disk records starting at ``pos``."""
+    while True:
+        flags = struct.unpack_from(">Q", ram, pos)[0] & DISK_FLAG_MASK
+        pos += 8
+        if flags & DISK_DRIVE:
+            pos += 1 + ram[pos]
+        if flags & DISK_SIZE:
+            pos += 8
+            continue
+        if flags & DISK_EOS:
+            return pos
+        length = struct.unpack_from(">I", ram, pos)[0]
+        pos += 4 + (length if flags & DISK_DATA else 0)
+
+
 def ram_page_records(ram: bytes) -> list[int]:
     """Offsets in ``ram`` of every page record (its 64-bit address and
-    flags word), parsed as the receiver parses them."""
+    flags word), parsed as the receiver parses them.  The RAM section is
+    the first of the part; the others are disk sections."""
     records = []
     pos = 0
+    ram_section = struct.unpack_from(">I", ram, 1)[0]
     while ram[pos] != VM_EOF:
         assert ram[pos] in (SECTION_PART, SECTION_END), ram[pos]
+        section = struct.unpack_from(">I", ram, pos + 1)[0]
         pos += 5                            # section type and id
+        if section != ram_section:
+            pos = skip_disk_records(ram, pos) + 5   # and the footer
+            continue
         while True:
             flags = struct.unpack_from(">Q", ram, pos)[0] & (PAGE_SIZE - 1)
             if flags & ~RAM_CONTINUE == RAM_EOS:
