@@ -133,12 +133,10 @@ class DiskBench(SectionBench):
 
     def sample(self, vm: VM) -> DiskSample:
         start = len(vm.console())
-        t0 = time.monotonic()
         time.sleep(self.window)
         lines = parse_diskload(vm.console()[start:])
         # Each line is a second apart: the window spans one fewer seconds.
-        return window_sample(lines, float(len(lines) - 1)
-                             if len(lines) > 1 else time.monotonic() - t0)
+        return window_sample(lines, float(len(lines) - 1))
 
     def point(self, load: str, system: str, interval: Optional[int],
               s: DiskSample) -> DiskPoint:
