@@ -170,6 +170,56 @@ class CurlingDisk(CurlingTest):
         self.assert_diskchecks_ok(receiver, since=mark)
         self.assert_ticks_ok(receiver, since=mark)
 
+    def test_first_round_onto_a_copy(self) -> None:
+        """The receiver's image already holds a copy of the sender's disk
+        (64 MiB of random data) but for three blocks changed here and
+        there: the first round copies only the areas that differ, and at a
+        checkpoint boundary both images are byte-identical; a failover
+        then resumes a guest whose disk agrees."""
+        assert self._tmpdir is not None
+        mib = 1024 ** 2
+        images = {n: self._tmpdir / f"{n}-disk0.img"
+                  for n in ("sender", "receiver")}
+        images["sender"].write_bytes(os.urandom(self.DISK_SIZE))
+        shutil.copyfile(images["sender"], images["receiver"])
+        with open(images["receiver"], "r+b") as f:
+            for offset in (5 * mib, 20 * mib + 4096, self.DISK_SIZE - 4096):
+                f.seek(offset)
+                f.write(os.urandom(4096))
+        self.assertNotEqual(first_difference(images["sender"],
+                                             images["receiver"]), -1)
+        sender, receiver, uri = self.launch_pair(
+            append=APPEND,
+            side_args=lambda n: self.disk_args(n, VIRTIO_BLK,
+                                               image=images[n]))
+        sender.wait_tick(2, timeout=BOOT_DEADLINE)
+        self.wait_diskchecks(sender, 2)
+        self.protect(sender, receiver, uri)
+        info = curling_info(sender)
+        self.log.info("first round: %d of %d bytes of disk copied",
+                      info["disk-copied"], info["disk-size"])
+        # The three changed areas, and those the guest wrote meanwhile
+        # (its self-check rewrites the first MiB).
+        self.assertGreaterEqual(info["disk-copied"], 3 * mib)
+        self.assertLessEqual(info["disk-copied"], 8 * mib,
+                             "the first round copied areas the receiver's "
+                             "image already held")
+
+        sender.qmp("stop")
+        self.wait_checkpoints(sender, 2)
+        self.assertEqual(first_difference(images["sender"],
+                                          images["receiver"]), -1,
+                         "the receiver's image differs from the sender's at "
+                         "a checkpoint boundary")
+        sender.qmp("cont")
+        self.wait_checkpoints(sender, 2)
+        mark = receiver.console_mark()
+        sender.kill(signal.SIGKILL)
+        receiver.wait_event("CURLING_FAILOVER", timeout=FAILOVER_DEADLINE)
+        self.wait_diskchecks(receiver, 3, since=mark)
+        self.assert_diskchecks_ok(receiver, since=mark)
+        self.assert_ticks_ok(receiver, since=mark)
+
     def test_shared_image_refused(self) -> None:
         """Both sides on one image file: the receiver refuses to write it,
         naming the drive; the sender's guest runs on, alone on its disk,
@@ -184,6 +234,10 @@ class CurlingDisk(CurlingTest):
         sender.qmp("migrate", uri=uri)
         wait_until(lambda: sender.qmp("query-migrate").get("status") ==
                    "failed", 60, "the sender's migration to fail")
+        self.assertRegex(sender.qmp("query-migrate").get("error-desc", ""),
+                         r"the destination refused the drives: cannot write "
+                         r"the image of drive 'disk0' \(each side needs its "
+                         r"own copy\)")
         wait_until(lambda: not receiver.is_running(), 30,
                    "the receiver to give up")
         log = receiver.qemu_log_path.read_text(errors="replace")
