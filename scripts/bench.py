@@ -57,7 +57,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="intervals (ms) of the network service rows; 'none' "
                    "skips them (they need root and iproute2)")
     p.add_argument("--disk-intervals", default=None,
-                   help="intervals (ms) of the disk rows; 'none' skips them")
+                   help="intervals (ms) of the disk rows (COLO's too when "
+                   "colo-nodelay is in --systems); 'none' skips them")
     p.add_argument("--out", default=None,
                    help="report folder (default docs/benchmarks/; "
                    "build/bench-quick/ with --quick)")
@@ -198,8 +199,9 @@ def main(argv: list[str]) -> int:
                                      workdir, args.accel,
                                      max(args.window, 5.0) * 2, bench.MEM,
                                      runner.cpus, progress)
-            disk = [dataclasses.asdict(p)
-                    for p in db.run(args.disk_intervals)]
+            disk = [dataclasses.asdict(p) for p in db.run(
+                args.disk_intervals,
+                colo=diskbench.COLO_SYSTEM in args.systems)]
     except (CurlingError, AssertionError) as exc:
         print(f"error: {exc} (QEMU logs kept in {workdir}; samples measured "
               f"so far in {out / 'bench.json'}: --from-json reports them)")

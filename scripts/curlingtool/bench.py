@@ -349,7 +349,7 @@ class Bench:
             phases = stop_phases(f.read().decode(errors="replace"))
         # Curling pauses quietly (no STOP/RESUME): its trace times each pause.
         pauses = (phase_pauses(phases) if system == "curling"
-                  else self._pauses(sender.events))
+                  else event_pauses(sender.events))
         if info0 and info1 and info1["checkpoints"] > info0["checkpoints"]:
             checkpoints = info1["checkpoints"] - info0["checkpoints"]
         else:
@@ -366,18 +366,6 @@ class Bench:
                             if receiver and rcpu0 is not None else None),
             receiver_rss=rss_bytes(receiver.pid) if receiver else None,
             stop_phases=phases)
-
-    @staticmethod
-    def _pauses(events: list[dict[str, Any]]) -> list[float]:
-        pauses, stopped = [], None
-        for ev in events:
-            ts = ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
-            if ev["event"] == "STOP":
-                stopped = ts
-            elif ev["event"] == "RESUME" and stopped is not None:
-                pauses.append((ts - stopped) * 1000)
-                stopped = None
-        return pauses
 
     # -- a whole system x workload -------------------------------------------
 
@@ -597,6 +585,19 @@ def read_json(path: pathlib.Path) -> tuple[dict[str, Any], list[Window],
         d["stop_phases"] = [tuple(ph) for ph in d.get("stop_phases", [])]
         windows.append(Window(**d))
     return data["meta"], windows, data["failover_s"]
+
+
+def event_pauses(events: list[dict[str, Any]]) -> list[float]:
+    """The guest's pauses (ms), from STOP/RESUME QMP events (COLO's)."""
+    pauses, stopped = [], None
+    for ev in events:
+        ts = ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
+        if ev["event"] == "STOP":
+            stopped = ts
+        elif ev["event"] == "RESUME" and stopped is not None:
+            pauses.append((ts - stopped) * 1000)
+            stopped = None
+    return pauses
 
 
 class SectionBench:

@@ -116,14 +116,16 @@ class CurlingControl(CurlingControlBase):
         append = "curling.mode=dirty curling.rate=400 curling.mb=160"
         sender, receiver, uri = self.launch_pair(append=append, mem="512M")
         sender.wait_tick(3, timeout=BOOT_DEADLINE)
+        self.protect(sender, receiver, uri, curling_interval=1000)
         # Room for everything but a checkpoint of the 160 MiB the guest
-        # rewrites every second.
+        # rewrites every second.  Limited once protecting, so that the
+        # first checkpoint (its size depends on how long the end of the
+        # first round took) does not decide the outcome.
         with open(f"/proc/{sender.pid}/status") as f:
             vm_size = next(int(line.split()[1]) * 1024 for line in f
                            if line.startswith("VmSize:"))
         limit = vm_size + 48 * MiB
         resource.prlimit(sender.pid, resource.RLIMIT_AS, (limit, limit))
-        self.protect(sender, receiver, uri, curling_interval=1000)
 
         self.wait_curling_status(sender, "error", timeout=60)
         error = sender.qmp("query-migrate").get("error-desc", "")

@@ -17,7 +17,7 @@ def test_pauses_pair_stop_with_resume() -> None:
     events = [event("RESUME", 0.5), event("STOP", 1.0), event("RESUME", 1.002),
               event("SHUTDOWN", 1.5), event("STOP", 2.0), event("RESUME", 2.25),
               event("STOP", 3.0)]
-    assert bench.Bench._pauses(events) == pytest.approx([2.0, 250.0])
+    assert bench.event_pauses(events) == pytest.approx([2.0, 250.0])
 
 
 def test_curling_pauses_from_stop_phases() -> None:

@@ -73,3 +73,28 @@ def test_report_rows() -> None:
     assert len(rows) == 2
     assert "| 90% |" in rows[1] and "| 600000 |" in rows[1]
     assert diskbench.disk_report([]) == []
+
+
+def test_pause_target_against_colo_disk_rows() -> None:
+    """With COLO disk rows, Curling's pause is compared with COLO's under
+    the same load, not with the memory rows'."""
+    colo = diskbench.COLO_SYSTEM
+    points = [point("seq-10", "none", None, 10.0, 1.0),
+              point("seq-10", "curling", 100, 9.5, 1.0, 3.0),
+              point("seq-10", colo, 100, 1.0, 9.0, 5.0),
+              point("fsync-4k", "curling", 100, 0.9, 2.6, 0.5),
+              point("fsync-4k", colo, 100, 0.1, 20.0, 0.4)]
+    pause = diskbench.disk_targets(points, colo_pause_ms=50.0)[2]
+    assert pause["verdict"] == "**missed**"
+    assert "fsync-4k 0.50 vs 0.40 ms" in pause["detail"]
+    points[-1] = point("fsync-4k", colo, 100, 0.1, 20.0, 0.6)
+    assert diskbench.disk_targets(points, None)[2]["verdict"] == "met"
+
+
+def test_report_labels_colo_rows() -> None:
+    points = [point("seq-10", "none", None, 10.0, 1.0),
+              point("seq-10", diskbench.COLO_SYSTEM, 100, 1.0, 9.0, 5.0)]
+    rows = [x for x in diskbench.disk_report(points)
+            if x.startswith("| seq-10")]
+    assert rows[1].startswith("| seq-10 | COLO | 100 |")
+    assert "| 10% |" in rows[1]
