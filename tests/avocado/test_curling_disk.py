@@ -85,6 +85,19 @@ class CurlingDisk(CurlingTest):
         wait_until(lambda: len(vm.diskchecks(since)) >= count, timeout,
                    f"{count} disk self-checks on {vm.name}")
 
+    def resume_and_fail_over(self, sender: VM, receiver: VM) -> None:
+        """Resume the stopped sender's guest, let checkpoints go on, then
+        kill -9 the sender: the receiver's guest resumes with its disk and
+        memory in agreement."""
+        sender.qmp("cont")
+        self.wait_checkpoints(sender, 2)
+        mark = receiver.console_mark()
+        sender.kill(signal.SIGKILL)
+        receiver.wait_event("CURLING_FAILOVER", timeout=FAILOVER_DEADLINE)
+        self.wait_diskchecks(receiver, 3, since=mark)
+        self.assert_diskchecks_ok(receiver, since=mark)
+        self.assert_ticks_ok(receiver, since=mark)
+
     def test_disk_follows_memory_across_kills(self) -> None:
         """The guest writes its disk all the time; kill -9 the sender at
         random moments, three times chained, each new receiver starting
@@ -161,14 +174,7 @@ class CurlingDisk(CurlingTest):
                          "disk data left to send with the guest stopped")
         self.assertGreaterEqual(info["disk-max-bytes"], 192 * 1024)
 
-        sender.qmp("cont")
-        self.wait_checkpoints(sender, 2)
-        mark = receiver.console_mark()
-        sender.kill(signal.SIGKILL)
-        receiver.wait_event("CURLING_FAILOVER", timeout=FAILOVER_DEADLINE)
-        self.wait_diskchecks(receiver, 3, since=mark)
-        self.assert_diskchecks_ok(receiver, since=mark)
-        self.assert_ticks_ok(receiver, since=mark)
+        self.resume_and_fail_over(sender, receiver)
 
     def test_first_round_onto_a_copy(self) -> None:
         """The receiver's image already holds a copy of the sender's disk
@@ -211,14 +217,7 @@ class CurlingDisk(CurlingTest):
                                           images["receiver"]), -1,
                          "the receiver's image differs from the sender's at "
                          "a checkpoint boundary")
-        sender.qmp("cont")
-        self.wait_checkpoints(sender, 2)
-        mark = receiver.console_mark()
-        sender.kill(signal.SIGKILL)
-        receiver.wait_event("CURLING_FAILOVER", timeout=FAILOVER_DEADLINE)
-        self.wait_diskchecks(receiver, 3, since=mark)
-        self.assert_diskchecks_ok(receiver, since=mark)
-        self.assert_ticks_ok(receiver, since=mark)
+        self.resume_and_fail_over(sender, receiver)
 
     def test_shared_image_refused(self) -> None:
         """Both sides on one image file: the receiver refuses to write it,
