@@ -42,6 +42,8 @@ PACKAGES: tuple[tuple[str, str], ...] = (
     ("iproute2", "network namespaces, bridges and taps of the network tests"),
     # disk tests: an ext4 image made and checked on the host
     ("e2fsprogs", "mkfs.ext4 and e2fsck of the disk tests"),
+    # arbitration tests: a throw-away etcd as the agents' witness
+    ("etcd-server", "the etcd witness of the arbitration tests"),
     # test runtime firmware (--firmwarepath)
     ("seabios", "x86 BIOS"),
     ("ipxe-qemu", "NIC option ROMs"),

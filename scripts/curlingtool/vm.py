@@ -67,7 +67,7 @@ def _kill_all_processes() -> None:
 atexit.register(_kill_all_processes)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: get SIGKILL when the test process goes away."""
     PR_SET_PDEATHSIG = 1
     libc = ctypes.CDLL(None, use_errno=True)
@@ -209,7 +209,7 @@ class VM:
         affinity = self.cpu_affinity
 
         def child_setup() -> None:
-            _die_with_parent()
+            die_with_parent()
             if affinity:
                 os.sched_setaffinity(0, affinity)
 
