@@ -27,6 +27,12 @@ On command (``arm_*``) it spoils one frame on the way:
 
 Everything runs in one thread; every wait is bounded and ``stop()`` ends
 it.  Only 127.0.0.1 is ever used.
+
+Run as a program (``curling_proxy.py TARGET_PORT [PORT]``), it forwards
+one connection and prints the port it listens on: a link of its own
+between two QEMUs, in whatever network namespace it was started.  Stopping
+that process (SIGSTOP) partitions the link, no byte passing either way and
+both connections left open; SIGCONT heals it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import re
 import selectors
 import socket
 import struct
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -221,14 +228,14 @@ class CurlingProxy:
 
     def __init__(self, target_port: int, log: Optional[logging.Logger] = None,
                  rng: Optional[random.Random] = None,
-                 name: str = "proxy") -> None:
+                 name: str = "proxy", port: int = 0) -> None:
         self.target_port = target_port
         self.log = log or logging.getLogger("curling_proxy")
         self.rng = rng or random.Random()
         self.name = name
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((HOST, 0))
+        self._listener.bind((HOST, port))
         self._listener.listen(1)
         self.port: int = self._listener.getsockname()[1]
 
@@ -655,3 +662,25 @@ class CurlingProxy:
             self._end_frame()
         self._close_all(reason, rst=self._action.rst)
         self.action_done.set()
+
+
+def main(argv: list[str]) -> int:
+    """Forward one connection to 127.0.0.1:TARGET_PORT until either side
+    closes it; print the listening port first."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(message)s")
+    proxy = CurlingProxy(int(argv[0]), port=int(argv[1]) if argv[1:] else 0,
+                         name="link")
+    print(proxy.port, flush=True)
+    proxy.start()
+    try:
+        while not proxy.closed.wait(0.5):
+            if proxy._thread is not None and not proxy._thread.is_alive():
+                break
+    finally:
+        proxy.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -41,13 +41,16 @@ import avocado
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
+from curlingtool import agent  # noqa: E402
+from curlingtool.etcdserver import EtcdMissing, EtcdServer  # noqa: E402
 from curlingtool.guest import GuestError, GuestImage, build_guest  # noqa: E402
 from curlingtool.netlab import (GUEST_IP, GUEST_MAC, PREFIX,  # noqa: E402
                                 NetClient, NetLab, NetLabError,
                                 check_available, netdev_args)
 from curlingtool.vm import (VM, DeviceReport, DiskCheck,  # noqa: E402,F401
                             Tick, VMDied,
-                            WaitTimeout, free_tcp_port, guest_args,
+                            WaitTimeout, die_with_parent, free_tcp_port,
+                            guest_args,
                             parse_ticks, wait_until)  # noqa: F401
 
 BUILD_DIR = REPO_ROOT / "build"
@@ -102,6 +105,8 @@ class CurlingTest(avocado.Test):
 
     def setUp(self) -> None:
         self.vms: dict[str, VM] = {}
+        self._procs: list[subprocess.Popen] = []   # agents, links
+        self._cleanups: list[Callable[[], None]] = []
         self._netlab: Optional[NetLab] = None
         self._lock_file: Optional[Any] = None
         self._tmpdir: Optional[pathlib.Path] = None
@@ -125,9 +130,16 @@ class CurlingTest(avocado.Test):
         self.log.info("accelerator: %s (%s)", self.accel, self.accel_reason)
 
     def tearDown(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            proc.wait()
         for vm in self.vms.values():
             if vm._proc is not None:
                 vm.kill()
+        for cleanup in reversed(self._cleanups):
+            cleanup()
         if self._netlab is not None:
             self._netlab.down()
             self._netlab = None
@@ -536,6 +548,68 @@ class CurlingTest(avocado.Test):
         return wait_until(done, timeout,
                           f"{count} more checkpoints on {vm.name}", 0.05)
 
+    # -- managed protection: witnesses, agents, links ----------------------
+
+    def witness(self, kind: str) -> str:
+        """A witness for this test's agents, as their ``--witness``: for
+        ``etcd`` a throw-away etcd on 127.0.0.1 (``self.etcd``, stopped in
+        tearDown), for ``file`` a lock-file directory."""
+        assert self._tmpdir is not None
+        if kind == "file":
+            directory = self._tmpdir / "witness"
+            directory.mkdir(exist_ok=True)
+            return f"file:{directory}"
+        server = EtcdServer(self._tmpdir / "etcd")
+        self._cleanups.append(server.stop)
+        try:
+            server.start()
+        except EtcdMissing as exc:
+            self.cancel(f"no etcd: {exc}")
+        self.etcd = server
+        return server.spec
+
+    def agent_monitor_args(self, name: str) -> list[str]:
+        """A second QMP monitor of the VM ``name``, for its agent."""
+        assert self._tmpdir is not None
+        return agent.monitor_args(self._tmpdir / f"{name}-agent.qmp")
+
+    def start_agent(self, name: str, role: str, me: str, witness: str,
+                    vm: str = "guest", peer: Optional[str] = None,
+                    protect: Optional[str] = None,
+                    standby: Optional[str] = None) -> "AgentProc":
+        """Run scripts/agent.py beside the VM ``name`` (launched with
+        ``agent_monitor_args(name)``); killed in tearDown at the latest."""
+        assert self._tmpdir is not None
+        log = self.logdir_path / f"agent-{me}.log"
+        proc = agent.spawn(self._tmpdir / f"{name}-agent.qmp", role, vm, me,
+                           witness, log, peer=peer, protect=protect,
+                           standby=standby, preexec_fn=die_with_parent)
+        self._procs.append(proc)
+        self.log.info("agent %s (%s of %s): pid %d", me, role, name,
+                      proc.pid)
+        return AgentProc(me, proc, log)
+
+    def start_link(self, target_port: int, netns: bool = False) -> "Link":
+        """A link of its own to 127.0.0.1:``target_port`` (in the lab's
+        namespace with ``netns``): a proxy process that SIGSTOP
+        partitions; killed in tearDown at the latest."""
+        args = [sys.executable, str(pathlib.Path(__file__).with_name(
+            "curling_proxy.py")), str(target_port)]
+        if netns:
+            args = self.netlab().wrap(args)
+        n = sum(1 for _ in self.logdir_path.glob("link-*.log")) + 1
+        with open(self.logdir_path / f"link-{n}.log", "ab") as err:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=err,
+                                    preexec_fn=die_with_parent)
+        self._procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.fail(f"the link to port {target_port} did not start "
+                      f"(link-{n}.log)")
+        return Link(proc, int(line))
+
     # -- kill -9 the sender ---------------------------------------------
 
     def sender_final_tick(self, sender: VM) -> tuple[int, bool]:
@@ -573,6 +647,10 @@ class CurlingTest(avocado.Test):
                                     timeout=FAILOVER_DEADLINE)
         failover_s = event_time(event) - t_kill
         sequence = event["data"]["sequence"]
+        names = [e["event"] for e in receiver.events]
+        self.assertIn("RESUME", names[:names.index("CURLING_FAILOVER")],
+                      f"{receiver.name} reported the failover before its "
+                      f"VM ran")
 
         last, mid_line = self.sender_final_tick(sender)
         self.assertGreaterEqual(last, last_before.n)
@@ -608,6 +686,36 @@ class CurlingTest(avocado.Test):
         self.assertEqual(receiver.qmp("query-status")["status"], "running")
         self.assertEqual(curling_info(receiver)["status"], "failed-over")
         return RoundResult(failover_s, sequence, first, (t_seen + 1, high))
+
+
+@dataclasses.dataclass
+class AgentProc:
+    """A running scripts/agent.py."""
+    me: str
+    proc: subprocess.Popen
+    log: pathlib.Path
+
+    def decisions(self) -> list[str]:
+        """Its decision lines so far (``decision=...``)."""
+        return agent.decisions(self.log)
+
+
+@dataclasses.dataclass
+class Link:
+    """A proxy process between a sender and its receiver."""
+    proc: subprocess.Popen
+    port: int
+
+    @property
+    def uri(self) -> str:
+        return f"curling:tcp:127.0.0.1:{self.port}"
+
+    def partition(self) -> None:
+        """No byte passes either way; both connections stay open."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def heal(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
 
 
 def curling_info(vm: VM) -> dict[str, Any]:

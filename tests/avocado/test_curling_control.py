@@ -9,8 +9,10 @@ import os
 import pathlib
 import re
 import resource
+import select
 import signal
 import statistics
+import threading
 import time
 from typing import Any, Optional
 
@@ -107,6 +109,96 @@ class CurlingControl(CurlingControlBase):
         self.assertEqual(curling_info(receiver)["status"], "cancelled")
         self.assertEqual(receiver.ticks(), [],
                          "the cancelled receiver ran the guest")
+
+    def test_cancel_before_protection(self) -> None:
+        """migrate_cancel at moments before the first checkpoint commits
+        (in the first round, while the receiver loads it, before the first
+        checkpoint): the cancel ends at once, the sender's guest runs on,
+        and the receiver never runs one, not even once the sender dies."""
+        for delay in (0.0, 0.3, 0.45, 0.6, 1.0):
+            sender, receiver, uri = self.launch_pair(append=self.APPEND)
+            sender.wait_tick(3, timeout=BOOT_DEADLINE)
+            sender.qmp("migrate-set-parameters",
+                       max_bandwidth=self.BANDWIDTH)
+            sender.qmp("migrate", uri=uri)
+            time.sleep(delay)
+            at = curling_info(sender)["status"]
+            t_cancel = time.monotonic()
+            sender.qmp("migrate_cancel")
+            info = wait_until(
+                lambda: (lambda i: i if i["status"] in
+                         ("cancelled", "error") else None)(
+                    curling_info(sender)), 15, "the cancel to end", 0.05)
+            took = time.monotonic() - t_cancel
+            self.assertEqual(sender.qmp("query-status")["status"],
+                             "running")
+            self.assert_ticking(sender, sender.console_mark(), count=3)
+            sender.kill()
+            # Well past curling-timeout.  A receiver with nothing to
+            # resume fails as an incomplete migration and exits.
+            time.sleep(4.0)
+            outcome = "exited"
+            if receiver.is_running():
+                outcome = curling_info(receiver)["status"]
+                self.assertEqual(self.failovers(receiver), [],
+                                 f"the receiver took over after a cancel "
+                                 f"{delay} s into the migration")
+                self.assertNotEqual(
+                    receiver.qmp("query-status")["status"], "running")
+            self.log.info("cancelled %.1f s after migrate (sender %s): "
+                          "ended %s after %.2f s; receiver %s", delay, at,
+                          info["status"], took, outcome)
+            self.assertLess(took, 5.0, "the cancel hung")
+            self.assertEqual(receiver.ticks(), [],
+                             f"the receiver ran the guest after a cancel "
+                             f"{delay} s into the migration")
+            receiver.kill()
+
+    #: Seconds from boot to the power-off of the guests that power off.
+    POWEROFF = 40
+
+    def test_guest_poweroff_no_failover(self) -> None:
+        """The protected guest powers itself off and its QEMU exits: the
+        receiver keeps its copy paused and never starts a guest that was
+        shut down.  Checkpoints are paced to take most of the time, so
+        that QEMU's exit is likely to find one on its way."""
+        sender, receiver = self.start_protected(
+            append=f"{self.APPEND} curling.poweroff={self.POWEROFF}")
+        sender.qmp("migrate-set-parameters", max_bandwidth=MiB)
+        self.wait_checkpoints(sender, 3)
+        info = curling_info(sender)
+        self.log.info("checkpoints of %d bytes, %.0f ms each", info["mean-bytes"],
+                      info["last-duration"])
+        wait_until(lambda: not sender.is_running(), self.POWEROFF + 60,
+                   "the guest to power off", 0.2)
+        self.assertIn("curling: power off", sender.console())
+        self.assert_no_failover(receiver)
+
+    def test_guest_poweroff_no_shutdown(self) -> None:
+        """With -no-shutdown the guest's power-off leaves its QEMU
+        running, the VM shut down: protection ends on both sides without
+        failover, and a later crash of that QEMU starts nothing."""
+        sender, receiver = self.start_protected(
+            append=f"{self.APPEND} curling.poweroff={self.POWEROFF}",
+            extra_args=("-no-shutdown",))
+        self.wait_checkpoints(sender, 3)
+        self.wait_curling_status(sender, "cancelled",
+                                 timeout=self.POWEROFF + 60)
+        self.assertEqual(sender.qmp("query-status")["status"], "shutdown")
+        self.wait_curling_status(receiver, "cancelled")
+        sender.kill()
+        self.assert_no_failover(receiver)
+
+    def assert_no_failover(self, receiver: VM) -> None:
+        """Well past curling-timeout after its sender went, ``receiver``
+        still keeps its copy paused, protection ended (cancelled)."""
+        time.sleep(3 * curling_info(receiver)["timeout"] / 1000 + 1)
+        self.assertEqual(self.failovers(receiver), [],
+                         "the receiver started a guest that was shut down")
+        self.assertEqual(curling_info(receiver)["status"], "cancelled")
+        self.assertEqual(receiver.qmp("query-status")["status"], "paused")
+        self.assertEqual(receiver.ticks(), [],
+                         "the receiver ran the guest")
 
     def test_sender_out_of_memory(self) -> None:
         """A sender that cannot grow its checkpoint buffer ends protection
@@ -422,6 +514,70 @@ class CurlingControl(CurlingControlBase):
         for gap, (_, info) in zip(gaps, commits[1:]):
             expected = interval + info["last-duration"]
             self.assertAlmostEqual(gap, expected, delta=0.25 * expected)
+
+    def test_stalled_main_loop_no_failover(self) -> None:
+        """The sender's main loop stalls, holding the BQL, for 0.8 and then
+        1.5 times curling-timeout (a screendump into a FIFO that nobody
+        reads yet): its checkpoints wait, but the receiver still hears from
+        a live sender and never takes over, and checkpoints go on
+        afterwards."""
+        timeout = 1000
+        sender, receiver, uri = self.launch_pair(
+            append=self.APPEND, extra_args=("-device", "VGA"))
+        receiver.qmp("migrate-set-parameters", curling_timeout=timeout)
+        sender.wait_tick(5, timeout=BOOT_DEADLINE)
+        self.protect(sender, receiver, uri, curling_timeout=timeout)
+        self.wait_checkpoints(sender, 5)
+
+        for factor in (0.8, 1.5, 1.5):
+            stall = factor * timeout / 1000
+            before = curling_info(sender)["checkpoints"]
+            took = self.stall_main_loop(sender, stall)
+            self.log.info("main loop stalled %.2f s (asked %.2f s)", took,
+                          stall)
+            self.assertGreaterEqual(took, stall * 0.9,
+                                    "the main loop did not stall")
+            self.wait_checkpoints(sender, 3)
+            self.assertEqual(curling_info(receiver)["status"], "protecting")
+            self.assertEqual(self.failovers(receiver), [],
+                             f"a {stall:.2f} s stall of the sender's main "
+                             f"loop made the receiver take over")
+            self.assertGreater(curling_info(sender)["checkpoints"], before)
+        self.assertFalse(receiver.qmp("query-status")["running"])
+        self.assert_ticking(sender, sender.console_mark(), count=3)
+
+    def stall_main_loop(self, vm: VM, seconds: float) -> float:
+        """Hold ``vm``'s main loop (and the BQL) for ``seconds``: a
+        screendump opens a FIFO for writing, which blocks until a reader
+        opens it.  Returns how long the screendump took."""
+        fifo = self.scratch("stall.fifo")
+        os.mkfifo(fifo)
+        done = threading.Event()
+
+        def reader() -> None:
+            if done.wait(seconds):
+                return
+            fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    ready, _, _ = select.select([fd], [], [], 0.1)
+                    data = os.read(fd, 1 << 16) if ready else None
+                    if done.is_set() and not data:
+                        return
+            finally:
+                os.close(fd)
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        start = time.monotonic()
+        try:
+            vm.qmp("screendump", filename=str(fifo))
+            return time.monotonic() - start
+        finally:
+            done.set()
+            thread.join(70)
+            fifo.unlink()
 
     # -- what protection must not disturb ---------------------------------
 

@@ -148,7 +148,9 @@ def test_targets_met_and_missed() -> None:
 
 
 def test_count_steps() -> None:
-    assert bench.Bench.count_steps(["curling"], ["counter"], 5, 3, 10) == 1 + 30 + 20
+    # four kinds of failover rounds: kill -9, SIGSTOP, each with and without
+    # a witness
+    assert bench.Bench.count_steps(["curling"], ["counter"], 5, 3, 10) == 1 + 30 + 40
     assert bench.Bench.count_steps(["colo"], ["counter", "idle"], 5, 3, 10) == 14
 
 
@@ -213,3 +215,25 @@ def test_rss_split_tells_guest_ram_from_qemu() -> None:
     # a smaller guest: still only the large read-write anonymous mapping
     assert bench.rss_split(SMAPS, 512 << 20)[1] == 163840 * 1024
     assert bench.rss_split(SMAPS, 4 << 30)[1] == 0
+
+
+def test_witness_failover_targets() -> None:
+    """The failover rounds with a witness are checked against
+    curling-timeout + 0.5 s, apart from the automatic mode's rows."""
+    failover = {
+        "SIGKILL (broken connection)": [0.07, 0.08],
+        "SIGSTOP (silent, curling-timeout 1000 ms)": [1.02, 1.03],
+        bench.WITNESS_PREFIX + "SIGKILL (etcd)": [0.09, 1.6],
+        bench.WITNESS_PREFIX + "SIGSTOP (etcd, curling-timeout 1000 ms)":
+            [1.6, 1.7],
+    }
+    targets = {t["target"]: t for t in bench.check_targets([], failover, "512M")}
+    kill = targets["with agents and a witness: failover <= curling-timeout "
+                   "+ 0.5 s after kill -9"]
+    assert kill["verdict"] == "met"
+    assert "max 1600 ms" in kill["detail"]
+    stop = targets["with agents and a witness: failover <= curling-timeout "
+                   "+ 0.5 s for a silent sender"]
+    assert stop["verdict"] == "**missed**"
+    assert targets["failover <= 0.5 s after a broken connection (kill -9)"][
+        "detail"].startswith("median 75 ms")

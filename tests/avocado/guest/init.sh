@@ -10,6 +10,7 @@
 #   curling.modules=0      do not load the kernel modules of the initramfs
 #   curling.ip=ADDR/LEN    configure eth0 with this address
 #   curling.serve=1        also run curling-netserve (network services)
+#   curling.poweroff=SECS  power the machine off SECS seconds after boot
 # Every other curling.* option is read by the workload from /proc/cmdline.
 #
 # The kernel modules in /lib/modules are loaded first, in the order of
@@ -30,6 +31,7 @@ vga=
 modules=1
 ip=
 serve=
+poweroff=
 for opt in $(cat /proc/cmdline); do
     case "$opt" in
     curling.workload=*) workload="${opt#curling.workload=}" ;;
@@ -38,6 +40,7 @@ for opt in $(cat /proc/cmdline); do
     curling.modules=*) modules="${opt#curling.modules=}" ;;
     curling.ip=*) ip="${opt#curling.ip=}" ;;
     curling.serve=*) serve="${opt#curling.serve=}" ;;
+    curling.poweroff=*) poweroff="${opt#curling.poweroff=}" ;;
     esac
 done
 
@@ -56,6 +59,10 @@ ip link set lo up 2>/dev/null
 if [ -n "$ip" ]; then
     { ip addr add "$ip" dev eth0 && ip link set eth0 up; } >/dev/null 2>&1 ||
         echo "curling: cannot configure eth0 with $ip" >"$console"
+fi
+if [ -n "$poweroff" ]; then
+    { sleep "$poweroff"; echo "curling: power off" >"$console"; sync
+      poweroff -f; } &
 fi
 if [ "$serve" = 1 ]; then
     /bin/curling-netserve >"$console" 2>&1 &
