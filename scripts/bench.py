@@ -185,6 +185,13 @@ def main(argv: list[str]) -> int:
             failover["SIGSTOP (silent, curling-timeout "
                      f"{bench.FAILOVER_TIMEOUT_MS} ms)"] = runner.failover(
                 signal.SIGSTOP, args.failover_rounds)
+            with bench.witness_for(workdir, progress) as (kind, spec):
+                w = bench.WITNESS_PREFIX
+                failover[f"{w}SIGKILL ({kind})"] = runner.failover(
+                    signal.SIGKILL, args.failover_rounds, witness=spec)
+                failover[f"{w}SIGSTOP ({kind}, curling-timeout "
+                         f"{bench.FAILOVER_TIMEOUT_MS} ms)"] = runner.failover(
+                    signal.SIGSTOP, args.failover_rounds, witness=spec)
         if args.net_intervals:
             bench.write_json(out / "bench.json", meta, windows, failover)
             nb = netbench.NetBench(qemu, guest, workdir, args.accel,

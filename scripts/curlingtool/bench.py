@@ -30,6 +30,7 @@ receiver protects the guest again to a new receiver).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -41,11 +42,12 @@ import statistics
 import subprocess
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
-from . import CurlingError
+from . import CurlingError, agent
+from .etcdserver import EtcdFailed, EtcdMissing, EtcdServer
 from .guest import GuestImage
-from .vm import VM, free_tcp_port, guest_args, wait_until
+from .vm import VM, die_with_parent, free_tcp_port, guest_args, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ SYSTEMS = ("curling", "colo", "colo-nodelay")
 STALL_S = 1.0
 #: curling-timeout of the SIGSTOP failover rounds, in milliseconds.
 FAILOVER_TIMEOUT_MS = 1000
+#: Failover keys of the managed mode (agents deciding through a witness).
+WITNESS_PREFIX = "with a witness: "
 BANDWIDTH = 10 * 1024 ** 3
 MEM = "512M"
 
@@ -256,7 +260,7 @@ class Bench:
         per_workload = sum(1 + 2 * reps * intervals if s == "curling"
                            else intervals + 2 for s in systems)
         return (per_workload * len(list(workloads))
-                + (2 * rounds if "curling" in systems else 0))
+                + (4 * rounds if "curling" in systems else 0))
 
     def step(self, line: str) -> None:
         self.done += 1
@@ -265,12 +269,16 @@ class Bench:
     # -- VMs ---------------------------------------------------------------
 
     def launch(self, role: str, append: str, incoming: Optional[str] = None,
-               extra: Iterable[str] = ()) -> VM:
+               extra: Iterable[str] = (), with_agent: bool = False) -> VM:
+        """A QEMU running the test guest; ``with_agent`` gives it a
+        monitor for an agent at ``agent_qmp(vm)``."""
         self._n += 1
         name = f"{role}-{self._n}"
         console = self.workdir / f"{name}-console.log"
         console.touch()
         qmp = self.workdir / f"{name}.qmp"
+        if with_agent:
+            extra = [*extra, *agent.monitor_args(self.agent_qmp(name))]
         args = guest_args(self.qemu, self.guest, name, accel=self.accel,
                           console=console, qmp_path=qmp, incoming=incoming,
                           mem=MEM, append=append, extra_args=extra)
@@ -279,6 +287,39 @@ class Bench:
                 log, cpu_affinity={cpu})
         vm.launch()
         return vm
+
+    def agent_qmp(self, name: str) -> pathlib.Path:
+        return self.workdir / f"{name}-agent.qmp"
+
+    def protect_managed(self, sender: VM, append: str, witness: str,
+                        timeout_ms: int
+                        ) -> tuple[VM, list[subprocess.Popen]]:
+        """Protect ``sender``'s guest with an agent on each side deciding
+        through ``witness``; returns the receiver and the two agents."""
+        port = self.port = free_tcp_port()
+        uri = f"curling:tcp:127.0.0.1:{port}"
+        receiver = self.launch("receiver", append, incoming=uri,
+                               with_agent=True)
+        for vm in (sender, receiver):
+            vm.qmp("migrate-set-parameters", max_bandwidth=BANDWIDTH,
+                   curling_interval=100, curling_timeout=timeout_ms)
+        # A key and ids of their own: the witness keeps earlier terms.
+        vm_key = f"bench-{receiver.name}"
+        s_id, r_id = f"S-{receiver.name}", f"R-{receiver.name}"
+        r_log = self.workdir / f"agent-{r_id}.log"
+        agents = [agent.spawn(self.agent_qmp(receiver.name), "receiver",
+                              vm_key, r_id, witness, r_log, peer=s_id,
+                              preexec_fn=die_with_parent)]
+        wait_until(lambda: receiver.qmp("query-migrate-parameters")
+                   .get("curling-managed"), 30, "the receiver's agent", 0.1)
+        agents.append(agent.spawn(self.agent_qmp(sender.name), "sender",
+                                  vm_key, s_id, witness,
+                                  self.workdir / f"agent-{s_id}.log",
+                                  protect=uri, preexec_fn=die_with_parent))
+        wait_until(lambda: any("decision=armed" in line
+                               for line in agent.decisions(r_log)), 120,
+                   "managed Curling protection", 0.1)
+        return receiver, agents
 
     @staticmethod
     def colo_extra(system: str) -> list[str]:
@@ -436,18 +477,30 @@ class Bench:
     # -- failover ------------------------------------------------------------
 
     def failover(self, sig: int, rounds: int,
-                 timeout_ms: int = FAILOVER_TIMEOUT_MS
-                 ) -> list[float]:
-        """Seconds from signalling the sender to the receiver's first tick."""
+                 timeout_ms: int = FAILOVER_TIMEOUT_MS,
+                 witness: Optional[str] = None) -> list[float]:
+        """Seconds from signalling the sender to the receiver's first tick;
+        with ``witness``, in the managed mode with an agent on each side."""
         append = WORKLOADS["dirty-10"]
         times = []
-        sender = self.launch("sender", append)
+        sender = self.launch("sender", append, with_agent=bool(witness))
         stopped: list[VM] = []
+        agents: list[subprocess.Popen] = []
         try:
             sender.wait_tick(20, timeout=180)
             for n in range(rounds):
-                receiver = self.protect("curling", sender, append, 100)
-                sender.qmp("migrate-set-parameters", curling_timeout=timeout_ms)
+                if witness:
+                    # The agent of a receiver that took over is done: the
+                    # next protection gets agents of its own.
+                    for proc in agents:
+                        if proc.poll() is None:
+                            proc.kill()
+                    receiver, agents = self.protect_managed(
+                        sender, append, witness, timeout_ms)
+                else:
+                    receiver = self.protect("curling", sender, append, 100)
+                    sender.qmp("migrate-set-parameters",
+                               curling_timeout=timeout_ms)
                 time.sleep(1.0 + (n % 5) * 0.13)
                 mark = receiver.console_mark()
                 start = time.monotonic()
@@ -455,7 +508,8 @@ class Bench:
                 wait_until(lambda: receiver.ticks(mark), 30,
                            f"{receiver.name}'s first tick", 0.002)
                 times.append(time.monotonic() - start)
-                self.step(f"failover {signal.Signals(sig).name} round "
+                self.step(f"failover {signal.Signals(sig).name} "
+                          f"{'with a witness ' if witness else ''}round "
                           f"{n + 1}: {times[-1] * 1000:.0f} ms")
                 if sig == signal.SIGSTOP:
                     stopped.append(sender)
@@ -465,7 +519,33 @@ class Bench:
         finally:
             for vm in [sender, *stopped]:
                 vm.kill()
+            for proc in agents:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
         return times
+
+
+@contextlib.contextmanager
+def witness_for(workdir: pathlib.Path, progress: Callable[[str], None]
+                ) -> Iterator[tuple[str, str]]:
+    """(kind, spec) of a witness for the failover rounds with agents: a
+    throw-away etcd on 127.0.0.1, or the lock-file witness when etcd
+    cannot run here (said in the progress log)."""
+    server = EtcdServer(workdir / "etcd")
+    try:
+        server.start()
+    except (EtcdMissing, EtcdFailed) as exc:
+        progress(f"no etcd ({exc}): the lock-file witness instead")
+        server.stop()
+        directory = workdir / "witness"
+        directory.mkdir(exist_ok=True)
+        yield "lock file", f"file:{directory}"
+        return
+    try:
+        yield "etcd", server.spec
+    finally:
+        server.stop()
 
 
 def noise_floor(windows: list[Window]) -> Optional[dict[str, float]]:
@@ -708,7 +788,13 @@ def check_targets(rows: list[dict[str, Any]], failover: dict[str, list[float]],
             ("SIGKILL", 500.0, "failover <= 0.5 s after a broken connection (kill -9)"),
             ("SIGSTOP", timeout_ms + 500.0,
              f"failover <= curling-timeout + 0.5 s = {(timeout_ms + 500) / 1000:.1f} s "
-             "for a silent sender (SIGSTOP)")):
+             "for a silent sender (SIGSTOP)"),
+            (WITNESS_PREFIX + "SIGKILL", timeout_ms + 500.0,
+             "with agents and a witness: failover <= curling-timeout + 0.5 s "
+             "after kill -9"),
+            (WITNESS_PREFIX + "SIGSTOP", timeout_ms + 500.0,
+             "with agents and a witness: failover <= curling-timeout + 0.5 s "
+             "for a silent sender")):
         times = next((v for k, v in failover.items() if k.startswith(prefix)), None)
         if not times:
             add(what, None, "-")
