@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import socket
 import subprocess
 import tarfile
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import pytest
@@ -132,3 +134,16 @@ def make_patches(tmp_path: Path) -> PatchMaker:
         git(work, "tag", "-f", "base")
         return [Path(line) for line in out.split()]
     return make
+
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a fresh module (the commands are no package)."""
+    spec = importlib.util.spec_from_file_location(f"curling_{name}_script",
+                                                  SCRIPTS / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,30 +4,25 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from conftest import load_script
 from qemu.qmp import QMPClient
 
 from curlingtool.agent import QMPMonitor
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "agent.py"
 BASE = ["--qmp", "/run/q.sock", "--vm", "demo", "--id", "B",
         "--witness", "etcd:http://127.0.0.1:2379"]
 
 
 @pytest.fixture
 def agent_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("curling_agent_script",
-                                                  SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("agent")
 
 
 def test_receiver_arguments(agent_script: ModuleType) -> None:

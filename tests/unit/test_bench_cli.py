@@ -3,24 +3,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "bench.py"
 
 
 @pytest.fixture
 def bench_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("curling_bench_script",
-                                                  SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench")
 
 
 def test_full_run_writes_the_committed_report(bench_script: ModuleType) -> None:

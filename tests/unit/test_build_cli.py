@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -11,16 +10,13 @@ from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build.py"
+from conftest import load_script
+
 
 
 @pytest.fixture
 def build() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("curling_build_script", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("build")
 
 
 def test_default_command_is_all(build: ModuleType) -> None:
@@ -49,10 +45,7 @@ def test_error_is_one_line_and_exit_1(build: ModuleType, monkeypatch: pytest.Mon
 
 
 def test_error_prefix() -> None:
-    spec = importlib.util.spec_from_file_location("b", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("build")
     record = logging.LogRecord("build", logging.ERROR, "", 0, "boom", None, None)
     assert module._Formatter("%(message)s").format(record) == "error: boom"
 
