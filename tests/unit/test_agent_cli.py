@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -15,7 +14,6 @@ from qemu.qmp import QMPClient
 
 from curlingtool.agent import QMPMonitor
 
-REPO = Path(__file__).resolve().parents[2]
 BASE = ["--qmp", "/run/q.sock", "--vm", "demo", "--id", "B",
         "--witness", "etcd:http://127.0.0.1:2379"]
 
