@@ -29,6 +29,7 @@ PACKAGES: tuple[tuple[str, str], ...] = (
     ("libpixman-1-dev", "QEMU display"),
     ("libslirp-dev", "user-mode networking (-netdev user)"),
     ("libfdt-dev", "device tree library"),
+    ("libgnutls28-dev", "TLS for migration and Curling (tls-creds)"),
     ("flex", "QEMU build"),
     ("bison", "QEMU build"),
     ("ccache", "compiler cache for fast rebuilds"),
@@ -44,6 +45,8 @@ PACKAGES: tuple[tuple[str, str], ...] = (
     ("e2fsprogs", "mkfs.ext4 and e2fsck of the disk tests"),
     # arbitration tests: a throw-away etcd as the agents' witness
     ("etcd-server", "the etcd witness of the arbitration tests"),
+    # TLS tests and benchmark: a test CA and certificates (certtool)
+    ("gnutls-bin", "certtool, which makes the TLS tests' certificates"),
     # test runtime firmware (--firmwarepath)
     ("seabios", "x86 BIOS"),
     ("ipxe-qemu", "NIC option ROMs"),

@@ -31,6 +31,7 @@ CONFIGURE_OPTIONS = (
     "--disable-werror",
     "--enable-kvm",
     "--enable-slirp",
+    "--enable-gnutls",
     "--disable-gtk",
     "--disable-sdl",
     "--disable-opengl",
