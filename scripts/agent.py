@@ -57,6 +57,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "(curling:tcp:HOST:PORT)")
     p.add_argument("--standby", metavar="URI",
                    help="receiver: after taking over, protect again to URI")
+    p.add_argument("--tls-creds", metavar="ID",
+                   help="its QEMU's client TLS credentials object, set as "
+                   "tls-creds before each migrate of the agent (a receiver "
+                   "listening with server credentials needs it for "
+                   "--standby)")
     p.add_argument("--retry", type=float, default=DEFAULT_RETRY,
                    metavar="SECONDS",
                    help=f"between tries of the witness (default "
@@ -90,7 +95,8 @@ def main(argv: list[str]) -> int:
     try:
         config = AgentConfig(vm=args.vm, me=args.me, role=args.role,
                              peer=args.peer, protect=args.protect,
-                             standby=args.standby, retry=args.retry)
+                             standby=args.standby, retry=args.retry,
+                             tls_creds=args.tls_creds)
         witness = open_witness(args.witness)
         asyncio.run(serve(config, args.qmp, witness))
     except CurlingError as exc:

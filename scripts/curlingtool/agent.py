@@ -154,6 +154,9 @@ class AgentConfig:
     peer: Optional[str] = None     # receiver: the id of the sender agent
     protect: Optional[str] = None  # sender: migrate URI to protect to
     standby: Optional[str] = None  # receiver: protect again to this URI
+    #: id of its QEMU's client TLS credentials, set as tls-creds before
+    #: each migrate of the agent's (--protect, --standby)
+    tls_creds: Optional[str] = None
     retry: float = DEFAULT_RETRY   # seconds between tries of the witness
 
     def __post_init__(self) -> None:
@@ -335,6 +338,9 @@ class Agent:
         self.role = "sender"
         self._say("protect", f"term {claim} claimed (was "
                   f"{current or 'absent'}), migrating to {uri}")
+        if self.config.tls_creds:
+            await self._qmp("migrate-set-parameters",
+                            {"tls-creds": self.config.tls_creds})
         await self._qmp("migrate", {"uri": uri})
         return True
 
@@ -468,7 +474,7 @@ def monitor_args(qmp_path: os.PathLike[str] | str) -> list[str]:
 def spawn(qmp_path: os.PathLike[str] | str, role: str, vm: str, me: str,
           witness: str, log_path: os.PathLike[str] | str, *,
           peer: Optional[str] = None, protect: Optional[str] = None,
-          standby: Optional[str] = None,
+          standby: Optional[str] = None, tls_creds: Optional[str] = None,
           preexec_fn: Optional[Callable[[], None]] = None
           ) -> subprocess.Popen:
     """Start scripts/agent.py with this Python; its log (and anything it
@@ -477,7 +483,7 @@ def spawn(qmp_path: os.PathLike[str] | str, role: str, vm: str, me: str,
             "--role", role, "--vm", vm, "--id", me, "--witness", witness,
             "--log", str(log_path)]
     for option, value in (("--peer", peer), ("--protect", protect),
-                          ("--standby", standby)):
+                          ("--standby", standby), ("--tls-creds", tls_creds)):
         if value:
             args += [option, value]
     err_path = pathlib.Path(log_path).with_suffix(".err")

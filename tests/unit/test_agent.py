@@ -373,6 +373,22 @@ def test_sender_claims_the_term_before_it_migrates(
         f"(was absent), migrating to {RECEIVER_URI}"]
 
 
+def test_tls_credentials_are_set_before_each_migrate() -> None:
+    witness = FlakyWitness({KEY: "1:A"})
+
+    async def scenario(agent: Agent, qemu: FakeQemu) -> None:
+        await arm_and_lose(agent, qemu)                  # A is gone
+        await until(lambda: "migrate" in qemu.names())   # B protects to C
+        qemu.go_away()
+
+    _agent, qemu = run(receiver_config(standby=STANDBY_URI,
+                                       tls_creds="tls-client"),
+                       witness, scenario, "receiver", "protecting")
+    at = qemu.commands.index(("migrate", {"uri": STANDBY_URI}))
+    assert qemu.commands[at - 1] == ("migrate-set-parameters",
+                                     {"tls-creds": "tls-client"})
+
+
 def test_sender_claims_the_next_of_its_own_terms() -> None:
     witness = FlakyWitness({KEY: "3:A"})
 

@@ -33,6 +33,14 @@ def test_receiver_arguments(agent_script: ModuleType) -> None:
     assert args.retry == 0.5 and args.log == "/tmp/a.log"
 
 
+def test_tls_creds(agent_script: ModuleType) -> None:
+    args = agent_script.parse_args(BASE + ["--role", "sender",
+                                           "--tls-creds", "tls1"])
+    assert args.tls_creds == "tls1"
+    assert agent_script.parse_args(BASE + ["--role", "sender"]).tls_creds \
+        is None
+
+
 def test_defaults(agent_script: ModuleType) -> None:
     args = agent_script.parse_args(BASE + ["--role", "sender"])
     assert args.retry == 0.2
