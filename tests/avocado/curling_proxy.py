@@ -270,6 +270,10 @@ class CurlingProxy:
         self.acks: list[tuple[int, int]] = []  # (type, sequence) after READY
 
         self._action: Optional[Action] = None
+        # a stream the proxy cannot parse (TLS): a sample, a cut by count
+        self.sample_limit = 0
+        self.sample = bytearray()            # the sender's first bytes
+        self._raw_cut: Optional[tuple[int, bool]] = None  # (bytes, rst)
 
     # -- lifetime --------------------------------------------------------
 
@@ -333,6 +337,16 @@ class CurlingProxy:
         and checksums that match the new payload."""
         return self._arm(Action("rewrite", CHECKPOINT, min_sequence,
                                 rewrite=rewrite))
+
+    def arm_raw_cut(self, after: int, rst: bool = False) -> Action:
+        """Close both connections once ``after`` more bytes came from the
+        sender, whatever they are: for a stream the proxy cannot parse
+        (TLS).  The result gives the sender's bytes forwarded."""
+        action = self._arm(Action("raw-cut", rst=rst))
+        with self._lock:
+            self._raw_cut = (self.first_round_bytes + self.frame_bytes +
+                             after, rst)
+        return action
 
     def _arm(self, action: Action) -> Action:
         with self._lock:
@@ -487,6 +501,20 @@ class CurlingProxy:
     # -- sender -> receiver: frames ---------------------------------------
 
     def _from_sender(self, data: bytes) -> None:
+        if len(self.sample) < self.sample_limit:
+            self.sample += data[:self.sample_limit - len(self.sample)]
+        if self._raw_cut is not None:
+            limit, rst = self._raw_cut
+            total = self.first_round_bytes + self.frame_bytes
+            if total + len(data) >= limit:
+                self._raw_cut = None
+                self._send(self._down, data[:limit - total])
+                self.first_round_bytes += limit - total
+                assert self._action is not None
+                self._action.result = {"forwarded": limit, "rst": rst}
+                self._close_all("raw cut", rst=rst)
+                self.action_done.set()
+                return
         if not self.ready.is_set() or self._passthrough:
             if not self.ready.is_set():
                 self.first_round_bytes += len(data)

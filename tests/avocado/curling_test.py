@@ -13,7 +13,9 @@
   ``<test logdir>/<name>-console.log`` and parsed into ticks;
 * waits with deadlines, and cleanup that kills every process it started;
 * for network tests, a private network namespace (``netlab()``: a bridge,
-  one tap per QEMU, clients inside it), deleted on every path.
+  one tap per QEMU, clients inside it), deleted on every path;
+* for TLS tests, x509 credentials of a test CA (``tls_pki()``) and the
+  arguments and parameters that use them (``tls_args()``, ``use_tls()``).
 
 Guest tests run one at a time even when avocado runs tasks in parallel: a
 lock in ``build/`` serialises them, since timing-sensitive guests share the
@@ -41,7 +43,7 @@ import avocado
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-from curlingtool import agent  # noqa: E402
+from curlingtool import agent, tlscerts  # noqa: E402
 from curlingtool.etcdserver import EtcdMissing, EtcdServer  # noqa: E402
 from curlingtool.guest import GuestError, GuestImage, build_guest  # noqa: E402
 from curlingtool.netlab import (GUEST_IP, GUEST_MAC, PREFIX,  # noqa: E402
@@ -547,6 +549,54 @@ class CurlingTest(avocado.Test):
 
         return wait_until(done, timeout,
                           f"{count} more checkpoints on {vm.name}", 0.05)
+
+    # -- TLS --------------------------------------------------------------
+
+    def tls_pki(self) -> tlscerts.Pki:
+        """x509 credentials of a CA made for this test: the receiver's
+        (server) and the sender's (client, CN ``tlscerts.SENDER_CN``).
+        Cancels the test when certtool is missing."""
+        assert self._tmpdir is not None
+        try:
+            return tlscerts.Pki.create(self._tmpdir / "tls")
+        except tlscerts.TlsToolMissing as exc:
+            self.cancel(str(exc))
+            raise
+
+    @staticmethod
+    def tls_args(pki: tlscerts.Pki, role: str, other: bool = False,
+                 strangers: Iterable[str] = ()) -> list[str]:
+        """QEMU arguments of ``role``'s credentials, object ``tls0``; the
+        receiver's authorization ``authz0`` lets in the sender's name
+        only.  ``other`` adds the other role's credentials as ``tls1``
+        (a receiver that protects its guest again once it took over).
+        Each of ``strangers`` (tlscerts.STRANGERS) adds client
+        credentials ``tls-<kind>``."""
+        folders = {"receiver": (pki.receiver, "server"),
+                   "sender": (pki.sender, "client")}
+        args = ["-object", tlscerts.creds_object("tls0", *folders[role])]
+        if other:
+            args += ["-object", tlscerts.creds_object(
+                "tls1", *folders["sender" if role == "receiver" else
+                                 "receiver"])]
+        args += ["-object", tlscerts.authz_object("authz0",
+                                                  tlscerts.SENDER_CN)]
+        for kind in strangers:
+            args += ["-object", tlscerts.creds_object(
+                f"tls-{kind}", pki.stranger(kind), "client")]
+        return args
+
+    @staticmethod
+    def use_tls(vm: VM, role: str, creds: str = "tls0") -> None:
+        """Curling of ``vm`` goes over TLS with the credentials object
+        ``creds`` (the receiver also with ``authz0``); ``creds=""``
+        turns TLS off."""
+        params: dict[str, Any] = {"tls_creds": creds}
+        if role == "receiver":
+            params["tls_authz"] = "authz0" if creds else ""
+        else:
+            params["tls_hostname"] = "127.0.0.1" if creds else ""
+        vm.qmp("migrate-set-parameters", **params)
 
     # -- managed protection: witnesses, agents, links ----------------------
 
