@@ -52,10 +52,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds measured per point")
     p.add_argument("--reps", type=int, default=None,
                    help="Curling repetitions (interleaved with unprotected)")
-    p.add_argument("--failover-rounds", type=int, default=None)
+    p.add_argument("--failover-rounds", type=int, default=None,
+                   help="rounds of each kind of failover; 0 skips them")
     p.add_argument("--net-intervals", default=None,
                    help="intervals (ms) of the network service rows; 'none' "
                    "skips them (they need root and iproute2)")
+    p.add_argument("--tls-intervals", default=None,
+                   help="intervals (ms) of the Curling-over-TLS rows, for "
+                   f"the workloads among {','.join(bench.TLS_WORKLOADS)}; "
+                   "'none' skips them")
     p.add_argument("--disk-intervals", default=None,
                    help="intervals (ms) of the disk rows (COLO's too when "
                    "colo-nodelay is in --systems); 'none' skips them")
@@ -79,10 +84,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "50,200" if quick else ",".join(map(str, bench.INTERVALS)))).split(",")]
     args.window = args.window or (3.0 if quick else 5.0)
     args.reps = args.reps or (1 if quick else 3)
-    args.failover_rounds = args.failover_rounds or (3 if quick else 10)
+    if args.failover_rounds is None:
+        args.failover_rounds = 3 if quick else 10
     disk = args.disk_intervals or ("100" if quick else "25,100,500")
     args.disk_intervals = ([] if disk == "none"
                            else [int(i) for i in disk.split(",")])
+    tls = args.tls_intervals or ("100" if quick else ",".join(
+        map(str, bench.TLS_INTERVALS)))
+    args.tls_intervals = ([] if tls == "none"
+                          else [int(i) for i in tls.split(",")])
     net = args.net_intervals or ("100" if quick else "25,50,100,200")
     args.net_intervals = ([] if net == "none"
                           else [int(i) for i in net.split(",")])
@@ -109,7 +119,8 @@ def report(out: pathlib.Path, meta: dict, windows: list[bench.Window],
                    if r["system"].startswith("colo") and
                    r["interval"] == diskbench.TARGET_INTERVAL and
                    r["pause_median_ms"]]
-    extra = ((netbench.net_targets(net) if net else []) +
+    extra = (bench.tls_targets(rows) +
+             (netbench.net_targets(net) if net else []) +
              (diskbench.disk_targets(disk, min(colo_pauses, default=None))
               if disk else []))
     targets = bench.check_targets(rows, failover, meta["mem"]) + extra
@@ -118,7 +129,8 @@ def report(out: pathlib.Path, meta: dict, windows: list[bench.Window],
     plots = bench.plot(out, rows, windows)
     bench.write_report(out / "README.md", meta, rows, failover, plots,
                        extra_targets=extra,
-                       sections=(netbench.net_report(net) +
+                       sections=(bench.tls_report(rows) +
+                                 netbench.net_report(net) +
                                  diskbench.disk_report(disk)))
     for t in targets:
         progress(f"target {t['verdict'].strip('*')}: {t['target']}: {t['detail']}")
@@ -156,6 +168,11 @@ def main(argv: list[str]) -> int:
     runner.steps = bench.Bench.count_steps(args.systems, args.workloads,
                                            len(args.intervals), args.reps,
                                            args.failover_rounds)
+    if "curling" in args.systems and args.tls_intervals:
+        runner.steps += bench.Bench.count_steps(
+            [bench.TLS_SYSTEM],
+            [w for w in args.workloads if w in bench.TLS_WORKLOADS],
+            len(args.tls_intervals), args.reps, 0)
     ncpus = len(os.sched_getaffinity(0))
     # Keep this process off the sender's CPU: it would steal guest time.
     os.sched_setaffinity(0, {runner.cpus[1]})
@@ -177,9 +194,14 @@ def main(argv: list[str]) -> int:
         for system in args.systems:
             for workload in args.workloads:
                 windows += runner.run(system, workload, args.intervals, args.reps)
+                # TLS right after plain Curling, on the same workload
+                if (system == "curling" and args.tls_intervals and
+                        workload in bench.TLS_WORKLOADS):
+                    windows += runner.run(bench.TLS_SYSTEM, workload,
+                                          args.tls_intervals, args.reps)
                 # raw samples so far: a later failure loses nothing measured
                 bench.write_json(out / "bench.json", meta, windows, failover)
-        if "curling" in args.systems:
+        if "curling" in args.systems and args.failover_rounds:
             failover["SIGKILL (broken connection)"] = runner.failover(
                 signal.SIGKILL, args.failover_rounds)
             failover["SIGSTOP (silent, curling-timeout "

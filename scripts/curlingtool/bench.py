@@ -44,7 +44,7 @@ import tempfile
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from . import CurlingError, agent
+from . import CurlingError, agent, tlscerts
 from .etcdserver import EtcdFailed, EtcdMissing, EtcdServer
 from .guest import GuestImage
 from .vm import VM, die_with_parent, free_tcp_port, guest_args, wait_until
@@ -60,6 +60,11 @@ WORKLOADS: dict[str, str] = {
     "idle": "curling.mode=idle",
 }
 SYSTEMS = ("curling", "colo", "colo-nodelay")
+#: Curling over TLS (x509, a CA made for the run): its own rows, measured
+#: at TLS_INTERVALS for TLS_WORKLOADS beside plain Curling's.
+TLS_SYSTEM = "curling-tls"
+TLS_INTERVALS = (25, 100)
+TLS_WORKLOADS = ("counter", "dirty-10", "dirty-100")
 #: A pause longer than this is a stall.
 STALL_S = 1.0
 #: curling-timeout of the SIGSTOP failover rounds, in milliseconds.
@@ -85,7 +90,15 @@ SYSTEM_NOTES = {
     "secondary loads it; the secondary runs the guest.",
     "colo-nodelay": "the same COLO with TCP_NODELAY on its socket (patch "
     "0009), the fair comparison for the pause.",
+    TLS_SYSTEM: "Curling with tls-creds on both sides (x509 certificates of "
+    "a CA made for the run, ECDSA P-256 keys, tls-authz on the receiver): "
+    "the first round, every frame and acknowledgement go through the TLS "
+    "session.",
 }
+
+
+def is_curling(system: str) -> bool:
+    return system in ("curling", TLS_SYSTEM)
 
 
 class BenchError(CurlingError):
@@ -197,6 +210,9 @@ class Window:
     receiver_rss: Optional[int]
     #: unprotected work_per_s of the neighbouring windows (protected only)
     baseline_work_per_s: Optional[float] = None
+    #: Curling: mean time from the end of an interval to the checkpoint's
+    #: acknowledgement (saving, sending, loading), in ms
+    ack_ms: Optional[float] = None
     #: Curling: (stop, RAM, devices, start) microseconds and bytes saved
     #: with the VM stopped, per checkpoint (trace event curling_stop_phase)
     stop_phases: list[tuple[int, int, int, int, int]] = dataclasses.field(
@@ -251,13 +267,27 @@ class Bench:
         self.port: Optional[int] = None     # of the current protection
         self.steps = 0                      # windows and failover rounds
         self.done = 0
+        self._pki: Optional[tlscerts.Pki] = None
+
+    def tls_args(self, role: str) -> list[str]:
+        """``role``'s TLS credentials (object ``tls0``, and on the
+        receiver ``authz0``), of a CA made once per run."""
+        if self._pki is None:
+            self._pki = tlscerts.Pki.create(self.workdir / "tls")
+        if role == "receiver":
+            return ["-object", tlscerts.creds_object(
+                        "tls0", self._pki.receiver, "server"),
+                    "-object", tlscerts.authz_object(
+                        "authz0", tlscerts.SENDER_CN)]
+        return ["-object", tlscerts.creds_object("tls0", self._pki.sender,
+                                                 "client")]
 
     @staticmethod
     def count_steps(systems: Iterable[str], workloads: Iterable[str],
                     intervals: int, reps: int, rounds: int) -> int:
         """Windows and failover rounds a run will measure, for progress."""
         systems = list(systems)
-        per_workload = sum(1 + 2 * reps * intervals if s == "curling"
+        per_workload = sum(1 + 2 * reps * intervals if is_curling(s)
                            else intervals + 2 for s in systems)
         return (per_workload * len(list(workloads))
                 + (4 * rounds if "curling" in systems else 0))
@@ -332,9 +362,17 @@ class Bench:
                 interval: int) -> VM:
         """Start a receiver and protect ``sender``'s guest to it."""
         port = self.port = free_tcp_port()
-        if system == "curling":
+        if is_curling(system):
             uri = f"curling:tcp:127.0.0.1:{port}"
-            receiver = self.launch("receiver", append, incoming=uri)
+            tls = system == TLS_SYSTEM
+            receiver = self.launch("receiver", append, incoming=uri,
+                                   extra=self.tls_args("receiver")
+                                   if tls else ())
+            if tls:
+                receiver.qmp("migrate-set-parameters", tls_creds="tls0",
+                             tls_authz="authz0")
+                sender.qmp("migrate-set-parameters", tls_creds="tls0",
+                           tls_hostname="127.0.0.1")
             sender.qmp("migrate-set-parameters", max_bandwidth=BANDWIDTH,
                        curling_interval=interval)
             sender.qmp("migrate", uri=uri)
@@ -355,7 +393,8 @@ class Bench:
         return receiver
 
     def set_interval(self, system: str, sender: VM, interval: int) -> None:
-        key = "curling_interval" if system == "curling" else "x_checkpoint_delay"
+        key = ("curling_interval" if is_curling(system)
+               else "x_checkpoint_delay")
         sender.qmp("migrate-set-parameters", **{key: interval})
 
     # -- one window ----------------------------------------------------------
@@ -370,7 +409,7 @@ class Bench:
         rcpu0 = cpu_seconds(receiver.pid) if receiver else None
         port = self.port if receiver else None
         wr0 = tcp_bytes_sent(port)
-        info0 = (sender.qmp("query-curling") if system == "curling" else None)
+        info0 = (sender.qmp("query-curling") if is_curling(system) else None)
         log_pos = sender.qemu_log_path.stat().st_size
         deadline = t0 + self.window
         while time.monotonic() < deadline:
@@ -378,7 +417,7 @@ class Bench:
             sender.qmp("query-status")          # collects STOP/RESUME events
         last = sender.last_tick()
         t1 = time.monotonic()
-        info1 = (sender.qmp("query-curling") if system == "curling" else None)
+        info1 = (sender.qmp("query-curling") if is_curling(system) else None)
         ticked = not (first is None or last is None or last.n <= first.n)
         if not ticked and system == "none":
             raise BenchError(f"{sender.name}: the unprotected guest did not tick")
@@ -389,10 +428,15 @@ class Bench:
             f.seek(log_pos)
             phases = stop_phases(f.read().decode(errors="replace"))
         # Curling pauses quietly (no STOP/RESUME): its trace times each pause.
-        pauses = (phase_pauses(phases) if system == "curling"
+        pauses = (phase_pauses(phases) if is_curling(system)
                   else event_pauses(sender.events))
+        ack_ms = None
         if info0 and info1 and info1["checkpoints"] > info0["checkpoints"]:
             checkpoints = info1["checkpoints"] - info0["checkpoints"]
+            if "mean-duration" in info1:
+                ack_ms = ((info1["mean-duration"] * info1["checkpoints"] -
+                           info0.get("mean-duration", 0) *
+                           info0["checkpoints"]) / checkpoints)
         else:
             checkpoints = len(pauses)
         return Window(
@@ -406,7 +450,7 @@ class Bench:
             receiver_cpu_s=(cpu_seconds(receiver.pid) - rcpu0
                             if receiver and rcpu0 is not None else None),
             receiver_rss=rss_bytes(receiver.pid) if receiver else None,
-            stop_phases=phases)
+            ack_ms=ack_ms, stop_phases=phases)
 
     # -- a whole system x workload -------------------------------------------
 
@@ -423,9 +467,11 @@ class Bench:
         append = WORKLOADS[workload]
         intervals = list(intervals)
         seq: list[Window] = []
-        colo = system != "curling"
+        colo = not is_curling(system)
         extra = (self.colo_extra(system) if colo
                  else ["-trace", "curling_stop_phase"])
+        if system == TLS_SYSTEM:
+            extra += self.tls_args("sender")
         sender = self.launch("primary" if colo else "sender", append,
                              extra=extra)
         receiver: Optional[VM] = None
@@ -612,13 +658,15 @@ def summarise(windows: list[Window], memcpy_bw: float = 0.0
             "receiver_cpu": (sum(w.receiver_cpu_s or 0 for w in ws) / secs
                              if secs else 0),
             "receiver_rss_mb": max((w.receiver_rss or 0) for w in ws) / 1e6,
+            "ack_ms": (statistics.mean(acks) if (acks := [
+                w.ack_ms for w in ws if w.ack_ms is not None]) else None),
             "windows": len(ws),
         }
         if phases:
             row["stop_bytes"] = percentile([float(ph[4]) for ph in phases], 0.5)
             for i, name in enumerate(("stop", "ram", "devices", "start")):
                 row[f"phase_{name}_us"] = percentile([float(ph[i]) for ph in phases], 0.5)
-        elif system != "curling":
+        elif not is_curling(system):
             row["stop_bytes"] = row["bytes_per_checkpoint"]
         stop_bytes = row.get("stop_bytes")
         row["bound_ms"] = (stop_bytes / memcpy_bw * 1000
@@ -628,6 +676,84 @@ def summarise(windows: list[Window], memcpy_bw: float = 0.0
                                  else None)
         rows.append(row)
     return rows
+
+
+def tls_pairs(rows: list[dict[str, Any]]
+              ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(plain Curling, Curling over TLS) rows of the same workload and
+    interval."""
+    plain = {(r["workload"], r["interval"]): r for r in rows
+             if r["system"] == "curling"}
+    return [(plain[(r["workload"], r["interval"])], r) for r in rows
+            if r["system"] == TLS_SYSTEM
+            and (r["workload"], r["interval"]) in plain]
+
+
+def tls_targets(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """TLS keeps Curling's speed: at every interval and workload measured
+    both ways, the median pause over TLS is at most 25% (+0.05 ms) above
+    plain Curling's (TLS must not reach into the pause), and the guest's
+    throughput at most 5 points below."""
+    pairs = tls_pairs(rows)
+    if not pairs:
+        return []
+    pause_ok = all(t["pause_median_ms"] is not None and
+                   p["pause_median_ms"] is not None and
+                   t["pause_median_ms"] <= p["pause_median_ms"] * 1.25 + 0.05
+                   for p, t in pairs)
+    tput_ok = all(t["throughput_ratio"] is not None and
+                  p["throughput_ratio"] is not None and
+                  t["throughput_ratio"] >= p["throughput_ratio"] - 0.05
+                  for p, t in pairs)
+    pauses = ", ".join(f"{p['workload']}@{p['interval']} "
+                       f"{fmt(p['pause_median_ms'])}/"
+                       f"{fmt(t['pause_median_ms'])}" for p, t in pairs)
+    tputs = ", ".join(f"{p['workload']}@{p['interval']} "
+                      f"{fmt(p['throughput_ratio'], '.1%')}/"
+                      f"{fmt(t['throughput_ratio'], '.1%')}"
+                      for p, t in pairs)
+    return [target("TLS: median pause at most 25% (+0.05 ms) above plain "
+                   "Curling's", pause_ok, f"plain/TLS ms: {pauses}"),
+            target("TLS: throughput at most 5 points below plain Curling's",
+                   tput_ok, f"plain/TLS: {tputs}")]
+
+
+def tls_report(rows: list[dict[str, Any]]) -> list[str]:
+    """The cost of TLS, plain and TLS rows side by side."""
+    pairs = tls_pairs(rows)
+    if not pairs:
+        return []
+    out = ["## The cost of TLS", "",
+           "The same guests protected with and without TLS in the same run "
+           "(plain Curling's rows are those of the table above). Cycle: "
+           "host time per checkpoint (interval, live phase, pause, sending "
+           "and the acknowledgement); ack: from the end of the interval to "
+           "the acknowledgement (mean).", "",
+           "| workload | interval ms | throughput plain | TLS | pause median "
+           "ms plain | TLS | p99 plain | TLS | cycle ms plain | TLS "
+           "| ack ms plain | TLS | MB/s plain | TLS | sender CPU plain | TLS "
+           "| receiver CPU plain | TLS |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+           "|---:|---:|---:|---:|---:|---:|"]
+
+    def cycle(r: dict[str, Any]) -> str:
+        return (fmt(1000 / r["checkpoints_per_s"], ".1f")
+                if r["checkpoints_per_s"] else "-")
+
+    for p, t in pairs:
+        out.append(
+            f"| {p['workload']} | {p['interval']} "
+            f"| {fmt(p['throughput_ratio'], '.1%')} "
+            f"| {fmt(t['throughput_ratio'], '.1%')} "
+            f"| {fmt(p['pause_median_ms'])} | {fmt(t['pause_median_ms'])} "
+            f"| {fmt(p['pause_p99_ms'])} | {fmt(t['pause_p99_ms'])} "
+            f"| {cycle(p)} | {cycle(t)} "
+            f"| {fmt(p.get('ack_ms'))} | {fmt(t.get('ack_ms'))} "
+            f"| {p['bandwidth_mb_s']:.1f} | {t['bandwidth_mb_s']:.1f} "
+            f"| {p['sender_cpu']:.0%} | {t['sender_cpu']:.0%} "
+            f"| {p['receiver_cpu']:.0%} | {t['receiver_cpu']:.0%} |")
+    out.append("")
+    return out
 
 
 def write_json(path: pathlib.Path, meta: dict[str, Any], windows: list[Window],

@@ -237,3 +237,43 @@ def test_witness_failover_targets() -> None:
     assert stop["verdict"] == "**missed**"
     assert targets["failover <= 0.5 s after a broken connection (kill -9)"][
         "detail"].startswith("median 75 ms")
+
+
+def tls_row(system: str, interval: int, ratio: float, pause: float,
+            cps: float = 9.0) -> dict:
+    r = row(system, "counter", interval, ratio, pause)
+    r.update(pause_p99_ms=pause * 2, checkpoints_per_s=cps, ack_ms=1.5,
+             bandwidth_mb_s=3.0, sender_cpu=0.9, receiver_cpu=0.1)
+    return r
+
+
+def test_tls_rows_side_by_side_and_their_targets() -> None:
+    rows = [tls_row("curling", 25, 0.90, 0.30, cps=30.0),
+            tls_row("curling", 100, 0.98, 0.30),
+            tls_row("curling", 500, 0.99, 0.30),
+            tls_row(bench.TLS_SYSTEM, 25, 0.86, 0.35, cps=28.0),
+            tls_row(bench.TLS_SYSTEM, 100, 0.97, 0.30)]
+    pairs = bench.tls_pairs(rows)
+    assert [(p["interval"], t["interval"]) for p, t in pairs] == \
+        [(25, 25), (100, 100)]
+    v = verdicts(bench.tls_targets(rows))
+    assert v == {"TLS: median pause at most 25% (+0.05 ms) above plain "
+                 "Curling's": "met",
+                 "TLS: throughput at most 5 points below plain Curling's":
+                 "met"}
+    report = "\n".join(bench.tls_report(rows))
+    assert "| counter | 25 | 90.0% | 86.0% | 0.30 | 0.35 |" in report
+    assert "| 33.3 | 35.7 |" in report          # cycle ms
+
+    rows[3] = tls_row(bench.TLS_SYSTEM, 25, 0.80, 0.50)
+    v = verdicts(bench.tls_targets(rows))
+    assert set(v.values()) == {"**missed**"}
+    assert bench.tls_targets([r for r in rows if r["system"] == "curling"]) \
+        == []
+    assert bench.tls_report(rows[:3]) == []
+
+
+def test_tls_system_counts_as_curling() -> None:
+    assert bench.is_curling("curling") and bench.is_curling(bench.TLS_SYSTEM)
+    assert not bench.is_curling("colo-nodelay")
+    assert bench.TLS_SYSTEM in bench.SYSTEM_NOTES
