@@ -42,7 +42,6 @@ import collections
 import dataclasses
 import json
 import logging
-import os
 import pathlib
 import random
 import socket
@@ -52,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 from curling_proxy import (ACK_SIZE, CANCEL, CHECKPOINT, FRAME_HDR_SIZE,
                            FRAME_MAGIC, HEARTBEAT, READY_ACK, CurlingProxy,

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import pathlib
+import random
 import shutil
 import signal
 import subprocess
@@ -43,6 +44,7 @@ import avocado
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
+from curling_proxy import CurlingProxy  # noqa: E402
 from curlingtool import agent, tlscerts  # noqa: E402
 from curlingtool.etcdserver import EtcdMissing, EtcdServer  # noqa: E402
 from curlingtool.guest import GuestError, GuestImage, build_guest  # noqa: E402
@@ -109,6 +111,7 @@ class CurlingTest(avocado.Test):
         self.vms: dict[str, VM] = {}
         self._procs: list[subprocess.Popen] = []   # agents, links
         self._cleanups: list[Callable[[], None]] = []
+        self.proxies: list[CurlingProxy] = []
         self._netlab: Optional[NetLab] = None
         self._lock_file: Optional[Any] = None
         self._tmpdir: Optional[pathlib.Path] = None
@@ -132,6 +135,8 @@ class CurlingTest(avocado.Test):
         self.log.info("accelerator: %s (%s)", self.accel, self.accel_reason)
 
     def tearDown(self) -> None:
+        for proxy in self.proxies:
+            proxy.stop()
         for proc in self._procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)
@@ -550,6 +555,33 @@ class CurlingTest(avocado.Test):
         return wait_until(done, timeout,
                           f"{count} more checkpoints on {vm.name}", 0.05)
 
+    # -- randomness, logs, a man in the middle -----------------------------
+
+    def seeded_rng(self) -> tuple[int, random.Random]:
+        """The test's random numbers: seeded by ``CURLING_SEED`` to replay
+        a run, else at random; the seed is logged."""
+        seed = int(os.environ.get("CURLING_SEED", time.time_ns() % 2**32))
+        self.log.info("random seed %d (set CURLING_SEED=%d to replay)", seed,
+                      seed)
+        return seed, random.Random(seed)
+
+    @staticmethod
+    def qemu_log(vm: VM) -> str:
+        """What ``vm``'s QEMU wrote to stderr so far."""
+        try:
+            return vm.qemu_log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def proxy_to(self, receiver_uri: str, rng: random.Random,
+                 name: str = "proxy") -> CurlingProxy:
+        """A running CurlingProxy to ``receiver_uri``'s port, stopped in
+        tearDown at the latest."""
+        proxy = CurlingProxy(uri_port(receiver_uri), log=self.log, rng=rng,
+                             name=name)
+        self.proxies.append(proxy)
+        return proxy.start()
+
     # -- TLS --------------------------------------------------------------
 
     def tls_pki(self) -> tlscerts.Pki:
@@ -766,6 +798,11 @@ class Link:
 
     def heal(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
+
+
+def uri_port(uri: str) -> int:
+    """The port of a ``...:HOST:PORT`` URI."""
+    return int(uri.rsplit(":", 1)[1])
 
 
 def curling_info(vm: VM) -> dict[str, Any]:

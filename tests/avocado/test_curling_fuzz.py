@@ -15,7 +15,6 @@ import time
 
 from curling_fuzz import MUTATIONS, Fuzzer, record
 from curling_test import CurlingTest
-from test_curling_input import seeded_rng
 
 #: Spoiled frames sent, one per receiver.
 SESSIONS = int(os.environ.get("CURLING_FUZZ_SESSIONS", "10000"))
@@ -34,7 +33,7 @@ class CurlingFuzz(CurlingTest):
         truncated one in a failover from the last whole checkpoint, a
         forged one (checksums made to match) however the receiver judges
         it; never a crash, never a hang."""
-        seed, _ = seeded_rng(self)
+        seed, _ = self.seeded_rng()
         assert self._tmpdir is not None
         rec = record(str(self.qemu_bin), self._tmpdir, log=self.log)
         fuzzer = Fuzzer(str(self.qemu_bin), rec, self._tmpdir, seed,

@@ -16,7 +16,6 @@ and its memory self-check (``check=ok``).
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import socket
@@ -26,10 +25,10 @@ from typing import Any, Optional
 
 from qemu.qmp import ExecuteError
 
-from curling_proxy import (CHECKPOINT, HEARTBEAT, CurlingProxy,
-                           break_device_section, break_ram_record)
+from curling_proxy import (CHECKPOINT, HEARTBEAT, break_device_section,
+                           break_ram_record)
 from curling_test import (VM, CurlingTest, Tick, VMDied, curling_info,
-                          free_tcp_port, wait_until)
+                          free_tcp_port, uri_port, wait_until)
 
 #: Seconds from QEMU start to a ticking guest.
 BOOT_DEADLINE = 120.0
@@ -58,37 +57,11 @@ BAD_URIS = {
 QEVM_HEADER = struct.pack(">II", 0x5145564D, 3)   # QEMU_VM_FILE_MAGIC, v3
 
 
-def seeded_rng(test: CurlingTest) -> tuple[int, random.Random]:
-    seed = int(os.environ.get("CURLING_SEED", time.time_ns() % 2**32))
-    test.log.info("random seed %d (set CURLING_SEED=%d to replay)", seed, seed)
-    return seed, random.Random(seed)
-
-
-def uri_port(uri: str) -> int:
-    return int(uri.rsplit(":", 1)[1])
-
-
 class CurlingInputBase(CurlingTest):
     """Helpers of the input tests.
 
     :avocado: disable
     """
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.proxies: list[CurlingProxy] = []
-
-    def tearDown(self) -> None:
-        for proxy in self.proxies:
-            proxy.stop()
-        super().tearDown()
-
-    def proxy_to(self, receiver_uri: str, rng: random.Random,
-                 name: str = "proxy") -> CurlingProxy:
-        proxy = CurlingProxy(uri_port(receiver_uri), log=self.log, rng=rng,
-                             name=name)
-        self.proxies.append(proxy)
-        return proxy.start()
 
     # -- guest checks ----------------------------------------------------
 
@@ -117,12 +90,6 @@ class CurlingInputBase(CurlingTest):
         self.assert_consecutive(vm, ticks)
         self.assert_ticks_ok(vm, since=since)
         return ticks
-
-    def qemu_log(self, vm: VM) -> str:
-        try:
-            return vm.qemu_log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
     def wait_exit(self, vm: VM, timeout: float = EXIT_DEADLINE) -> int:
         """Wait for ``vm``'s QEMU to exit on its own; its exit status
@@ -153,7 +120,7 @@ class CurlingInputBase(CurlingTest):
     # -- a spoiled frame: error, no failover, last checkpoint kept ---------
 
     def spoil_and_check(self, how: str, error_pattern: str) -> None:
-        _, rng = seeded_rng(self)
+        _, rng = self.seeded_rng()
         sender, receiver, uri = self.launch_pair(append=APPEND)
         proxy = self.proxy_to(uri, rng)
         sender.wait_tick(5, timeout=BOOT_DEADLINE)
@@ -306,7 +273,7 @@ class CurlingInput(CurlingInputBase):
     def test_garbage_before_sync(self) -> None:
         """Garbage instead of a first round makes the receiver exit with
         an error, not crash (nothing is protected yet)."""
-        _, rng = seeded_rng(self)
+        _, rng = self.seeded_rng()
         variants = {
             "random bytes": b"\xff" + rng.randbytes(64 * 1024),
             "stream header then garbage": QEVM_HEADER + bytes(
@@ -357,7 +324,7 @@ class CurlingInput(CurlingInputBase):
         version this QEMU does not have), the receiver runs nothing: it
         exits with the error instead of starting a guest whose devices
         are half loaded."""
-        _, rng = seeded_rng(self)
+        _, rng = self.seeded_rng()
         sender, receiver, uri = self.launch_pair(append=APPEND)
         proxy = self.proxy_to(uri, rng)
         sender.wait_tick(5, timeout=BOOT_DEADLINE)
@@ -397,7 +364,7 @@ class CurlingInput(CurlingInputBase):
         Rounds are chained: the failed-over QEMU protects the guest again
         with a new receiver, so the guest boots once.
         """
-        seed, rng = seeded_rng(self)
+        seed, rng = self.seeded_rng()
         plan: list[dict[str, Any]] = [
             {"cut": "header", "type": CHECKPOINT},
             {"cut": "payload", "type": CHECKPOINT},

@@ -17,7 +17,6 @@ was not earned), the errors both sides report.
 from __future__ import annotations
 
 import pathlib
-import random
 import signal
 import socket
 import ssl
@@ -25,11 +24,9 @@ import struct
 import time
 from typing import Optional
 
-from curling_proxy import CurlingProxy
-from curling_test import (VM, CurlingTest, curling_info, free_tcp_port,
+from curling_test import (VM, CurlingTest, curling_info, uri_port,
                           wait_until)
 from curlingtool import tlscerts
-from test_curling_input import seeded_rng, uri_port
 
 #: Seconds from QEMU start to a ticking guest.
 BOOT_DEADLINE = 120.0
@@ -53,15 +50,6 @@ class CurlingTlsBase(CurlingTest):
     :avocado: disable
     """
 
-    def setUp(self) -> None:
-        super().setUp()
-        self.proxies: list[CurlingProxy] = []
-
-    def tearDown(self) -> None:
-        for proxy in self.proxies:
-            proxy.stop()
-        super().tearDown()
-
     def tls_pair(self, strangers: tuple[str, ...] = (),
                  receiver_tls: bool = True) -> tuple[VM, VM, str]:
         """A sender and a receiver with this test's credentials
@@ -81,17 +69,6 @@ class CurlingTlsBase(CurlingTest):
         if receiver_tls:
             self.use_tls(receiver, "receiver")
         return sender, receiver, uri
-
-    def proxy_to(self, uri: str, rng: random.Random) -> CurlingProxy:
-        proxy = CurlingProxy(uri_port(uri), log=self.log, rng=rng)
-        self.proxies.append(proxy)
-        return proxy.start()
-
-    def qemu_log(self, vm: VM) -> str:
-        try:
-            return vm.qemu_log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
     def failovers(self, vm: VM) -> list[dict]:
         vm.qmp("query-status")      # collects pending events
@@ -187,7 +164,7 @@ class CurlingTls(CurlingTlsBase):
         stream is readable on the wire, and kill -9 of the sender fails
         over cleanly; twice, the failed-over QEMU protecting its guest
         again over TLS (with migrate's channels argument)."""
-        _, rng = seeded_rng(self)
+        _, rng = self.seeded_rng()
         sender, receiver, uri = self.tls_pair()
         proxy = self.proxy_to(uri, rng)
         proxy.sample_limit = 8 * 1024 * 1024
@@ -233,7 +210,7 @@ class CurlingTls(CurlingTlsBase):
         TLS record and a frame, FIN or reset): the receiver fails over
         from its last committed checkpoint, as without TLS.  Three
         chained rounds."""
-        seed, rng = seeded_rng(self)
+        seed, rng = self.seeded_rng()
         sender, receiver, uri = self.tls_pair()
         sender.wait_tick(5, timeout=BOOT_DEADLINE)
         for rnd in range(1, 4):
@@ -362,7 +339,7 @@ class CurlingTls(CurlingTlsBase):
         sends no migration stream, and keeps waiting; it is then
         protected by a plain sender, refuses a second connection while
         protected, and fails over cleanly."""
-        _, rng = seeded_rng(self)
+        _, rng = self.seeded_rng()
         sender, receiver, uri = self.tls_pair(receiver_tls=False)
         sender.wait_tick(3, timeout=BOOT_DEADLINE)
         error = self.refused_migrate(sender, uri, "a TLS client")
