@@ -271,32 +271,47 @@ class CurlingInput(CurlingInputBase):
                          "-incoming curling:file: created its file")
 
     def test_garbage_before_sync(self) -> None:
-        """Garbage instead of a first round makes the receiver exit with
-        an error, not crash (nothing is protected yet)."""
+        """A connection that is not a migration stream (random bytes, or
+        closed at once) is refused, and the receiver goes on listening;
+        a stream header followed by garbage instead of a first round then
+        makes it exit with an error, not crash (nothing is protected
+        yet)."""
         _, rng = self.seeded_rng()
-        variants = {
+        refused = {
             "random bytes": b"\xff" + rng.randbytes(64 * 1024),
-            "stream header then garbage": QEVM_HEADER + bytes(
-                [rng.choice([b for b in range(256) if b != 0x07])]) +
-            rng.randbytes(64 * 1024),
             "connection closed at once": b"",
         }
-        for i, (what, data) in enumerate(variants.items()):
-            uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
-            vm = self.launch_vm(f"receiver-{i}", incoming=uri, append=APPEND)
-            self.assertEqual(curling_info(vm)["role"], "receiver")
-            sock = wait_until(lambda: self.try_connect(uri_port(uri)), 30,
-                              f"{vm.name} to listen")
+        garbage = QEVM_HEADER + bytes(
+            [rng.choice([b for b in range(256) if b != 0x07])]) + \
+            rng.randbytes(64 * 1024)
+        uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
+        vm = self.launch_vm("receiver", incoming=uri, append=APPEND)
+        self.assertEqual(curling_info(vm)["role"], "receiver")
+        for what, data in refused.items():
+            said = len(self.qemu_log(vm))
+            self.send_to(uri, data, what)
+            wait_until(lambda: "refused a connection" in
+                       self.qemu_log(vm)[said:], 30,
+                       f"{vm.name} to refuse {what}", 0.1)
+            self.log.info("%s: %s", what, self.qemu_log(vm)[said:].strip())
+            self.assertTrue(vm.is_running(), f"{what}: the receiver exited")
+            self.assertEqual(vm.qmp("query-status")["status"], "inmigrate")
+        self.send_to(uri, garbage, "stream header then garbage")
+        self.assert_clean_exit(vm, r"(?i)error|fail|invalid|unknown|magic",
+                               "garbage after a stream header")
+
+    def send_to(self, uri: str, data: bytes, what: str) -> None:
+        """Connect to ``uri``'s port, send ``data`` and close."""
+        sock = wait_until(lambda: self.try_connect(uri_port(uri)), 30,
+                          f"{uri} to listen")
+        try:
+            sock.settimeout(10)
             try:
-                sock.settimeout(10)
-                try:
-                    sock.sendall(data)
-                except OSError as exc:  # it may close before all is sent
-                    self.log.info("%s: sending stopped: %s", what, exc)
-            finally:
-                sock.close()
-            self.assert_clean_exit(vm, r"(?i)error|fail|invalid|unknown|magic",
-                                   f"garbage ({what})")
+                sock.sendall(data)
+            except OSError as exc:  # it may close before all is sent
+                self.log.info("%s: sending stopped: %s", what, exc)
+        finally:
+            sock.close()
 
     @staticmethod
     def try_connect(port: int) -> Optional[socket.socket]:
