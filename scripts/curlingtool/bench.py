@@ -60,9 +60,11 @@ WORKLOADS: dict[str, str] = {
     "idle": "curling.mode=idle",
 }
 SYSTEMS = ("curling", "colo", "colo-nodelay")
-#: Curling over TLS (x509, a CA made for the run): its own rows, measured
-#: at TLS_INTERVALS for TLS_WORKLOADS beside plain Curling's.
+#: Curling over TLS (x509, a CA made for the run), measured at
+#: TLS_INTERVALS for TLS_WORKLOADS alternately with plain Curling on the
+#: same sender (TLS_TWIN), so that the machine's drift hits both alike.
 TLS_SYSTEM = "curling-tls"
+TLS_TWIN = "curling-tcp"
 TLS_INTERVALS = (25, 100)
 TLS_WORKLOADS = ("counter", "dirty-10", "dirty-100")
 #: A pause longer than this is a stall.
@@ -94,11 +96,14 @@ SYSTEM_NOTES = {
     "a CA made for the run, ECDSA P-256 keys, tls-authz on the receiver): "
     "the first round, every frame and acknowledgement go through the TLS "
     "session.",
+    TLS_TWIN: "plain Curling on the sender that is also protected over TLS, "
+    "alternately with it (TLS, then plain, then plain, then TLS...): the "
+    "comparison for curling-tls.",
 }
 
 
 def is_curling(system: str) -> bool:
-    return system in ("curling", TLS_SYSTEM)
+    return system in ("curling", TLS_SYSTEM, TLS_TWIN)
 
 
 class BenchError(CurlingError):
@@ -287,7 +292,9 @@ class Bench:
                     intervals: int, reps: int, rounds: int) -> int:
         """Windows and failover rounds a run will measure, for progress."""
         systems = list(systems)
-        per_workload = sum(1 + 2 * reps * intervals if is_curling(s)
+        per_workload = sum(1 + 2 * reps * intervals * (2 if s == TLS_SYSTEM
+                                                       else 1)
+                           if is_curling(s)
                            else intervals + 2 for s in systems)
         return (per_workload * len(list(workloads))
                 + (4 * rounds if "curling" in systems else 0))
@@ -371,8 +378,10 @@ class Bench:
             if tls:
                 receiver.qmp("migrate-set-parameters", tls_creds="tls0",
                              tls_authz="authz0")
-                sender.qmp("migrate-set-parameters", tls_creds="tls0",
-                           tls_hostname="127.0.0.1")
+            if system in (TLS_SYSTEM, TLS_TWIN):
+                sender.qmp("migrate-set-parameters",
+                           tls_creds="tls0" if tls else "",
+                           tls_hostname="127.0.0.1" if tls else "")
             sender.qmp("migrate-set-parameters", max_bandwidth=BANDWIDTH,
                        curling_interval=interval)
             sender.qmp("migrate", uri=uri)
@@ -460,7 +469,8 @@ class Bench:
 
         Curling: ``reps`` times, for every interval: protect, measure,
         migrate_cancel, measure unprotected (after one unprotected window
-        to begin with). COLO cannot end protection and start it again on
+        to begin with).  TLS_SYSTEM: the same, with TLS and without
+        (TLS_TWIN) in turn, in alternating order.  COLO cannot end protection and start it again on
         the same primary: one unprotected window, protect, every interval,
         x-colo-lost-heartbeat, one unprotected window.
         """
@@ -470,8 +480,10 @@ class Bench:
         colo = not is_curling(system)
         extra = (self.colo_extra(system) if colo
                  else ["-trace", "curling_stop_phase"])
+        systems = [system]
         if system == TLS_SYSTEM:
             extra += self.tls_args("sender")
+            systems = [TLS_SYSTEM, TLS_TWIN]
         sender = self.launch("primary" if colo else "sender", append,
                              extra=extra)
         receiver: Optional[VM] = None
@@ -483,7 +495,8 @@ class Bench:
             last_u = next((u for u in reversed(seq[:-1]) if u.system == "none"), None)
             if kind != "none" and last_u and last_u.work_per_s:
                 ratio = f", {w.work_per_s / last_u.work_per_s:.1%} of the last unprotected"
-            self.step(f"{system} {workload}: {what}{ratio}")
+            self.step(f"{system if kind == 'none' else kind} {workload}: "
+                      f"{what}{ratio}")
 
         try:
             sender.wait_tick(20, timeout=180)
@@ -500,19 +513,25 @@ class Bench:
                 time.sleep(1.0)
                 window("none", None, "unprotected")
             else:
+                turn = 0
                 for rep in range(reps):
                     for interval in intervals:
-                        receiver = self.protect(system, sender, append, interval)
-                        time.sleep(1.0)
-                        window(system, interval, f"interval {interval} ms "
-                               f"(repetition {rep + 1}/{reps})")
-                        sender.qmp("migrate_cancel")
-                        wait_until(lambda: sender.qmp("query-curling")["status"]
-                                   == "cancelled", 30, "cancel", 0.1)
-                        receiver.kill()
-                        receiver = None
-                        time.sleep(0.5)
-                        window("none", None, "unprotected")
+                        for kind in (systems if turn % 2 == 0
+                                     else systems[::-1]):
+                            receiver = self.protect(kind, sender, append,
+                                                    interval)
+                            time.sleep(1.0)
+                            window(kind, interval, f"interval {interval} ms "
+                                   f"(repetition {rep + 1}/{reps})")
+                            sender.qmp("migrate_cancel")
+                            wait_until(lambda: sender.qmp("query-curling")
+                                       ["status"] == "cancelled", 30,
+                                       "cancel", 0.1)
+                            receiver.kill()
+                            receiver = None
+                            time.sleep(0.5)
+                            window("none", None, "unprotected")
+                        turn += 1
         finally:
             for vm in (sender, receiver):
                 if vm is not None:
@@ -681,9 +700,9 @@ def summarise(windows: list[Window], memcpy_bw: float = 0.0
 def tls_pairs(rows: list[dict[str, Any]]
               ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(plain Curling, Curling over TLS) rows of the same workload and
-    interval."""
+    interval, measured in turn on the same sender."""
     plain = {(r["workload"], r["interval"]): r for r in rows
-             if r["system"] == "curling"}
+             if r["system"] == TLS_TWIN}
     return [(plain[(r["workload"], r["interval"])], r) for r in rows
             if r["system"] == TLS_SYSTEM
             and (r["workload"], r["interval"]) in plain]
@@ -724,8 +743,10 @@ def tls_report(rows: list[dict[str, Any]]) -> list[str]:
     if not pairs:
         return []
     out = ["## The cost of TLS", "",
-           "The same guests protected with and without TLS in the same run "
-           "(plain Curling's rows are those of the table above). Cycle: "
+           "The same guest on the same sender protected with TLS and "
+           "without (curling-tls and curling-tcp in the table above), in "
+           "turn, each window compared with the unprotected windows around "
+           "it. Cycle: "
            "host time per checkpoint (interval, live phase, pause, sending "
            "and the acknowledgement); ack: from the end of the interval to "
            "the acknowledgement (mean).", "",

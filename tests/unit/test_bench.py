@@ -248,9 +248,9 @@ def tls_row(system: str, interval: int, ratio: float, pause: float,
 
 
 def test_tls_rows_side_by_side_and_their_targets() -> None:
-    rows = [tls_row("curling", 25, 0.90, 0.30, cps=30.0),
-            tls_row("curling", 100, 0.98, 0.30),
-            tls_row("curling", 500, 0.99, 0.30),
+    rows = [tls_row(bench.TLS_TWIN, 25, 0.90, 0.30, cps=30.0),
+            tls_row(bench.TLS_TWIN, 100, 0.98, 0.30),
+            tls_row("curling", 100, 0.50, 0.90),
             tls_row(bench.TLS_SYSTEM, 25, 0.86, 0.35, cps=28.0),
             tls_row(bench.TLS_SYSTEM, 100, 0.97, 0.30)]
     pairs = bench.tls_pairs(rows)
@@ -268,12 +268,17 @@ def test_tls_rows_side_by_side_and_their_targets() -> None:
     rows[3] = tls_row(bench.TLS_SYSTEM, 25, 0.80, 0.50)
     v = verdicts(bench.tls_targets(rows))
     assert set(v.values()) == {"**missed**"}
-    assert bench.tls_targets([r for r in rows if r["system"] == "curling"]) \
-        == []
+    assert bench.tls_targets([r for r in rows if r["system"] !=
+                              bench.TLS_SYSTEM]) == []
     assert bench.tls_report(rows[:3]) == []
 
 
 def test_tls_system_counts_as_curling() -> None:
-    assert bench.is_curling("curling") and bench.is_curling(bench.TLS_SYSTEM)
+    assert all(map(bench.is_curling, ("curling", bench.TLS_SYSTEM,
+                                      bench.TLS_TWIN)))
     assert not bench.is_curling("colo-nodelay")
     assert bench.TLS_SYSTEM in bench.SYSTEM_NOTES
+    assert bench.TLS_TWIN in bench.SYSTEM_NOTES
+    # unprotected first, then TLS and plain for each rep and interval
+    assert bench.Bench.count_steps([bench.TLS_SYSTEM], ["counter"], 2, 3,
+                                   0) == 1 + 24
