@@ -441,7 +441,8 @@ def guest_args(qemu: os.PathLike[str] | str, guest: GuestImage, name: str, *,
         raise ValueError(f"smp must be at least 1, not {smp}")
     args = [
         str(qemu),
-        "-name", name,
+        # thread names (CPU 0/TCG, mig/src/main...) for per-thread CPU
+        "-name", f"{name},debug-threads=on",
         "-machine", machine,
         "-accel", accel,
         "-m", mem,
