@@ -308,17 +308,11 @@ class Bench:
         self._pki: Optional[tlscerts.Pki] = None
 
     def tls_args(self, role: str) -> list[str]:
-        """``role``'s TLS credentials (object ``tls0``, and on the
-        receiver ``authz0``), of a CA made once per run."""
+        """``role``'s TLS credentials (Pki.qemu_args), of a CA made once
+        per run."""
         if self._pki is None:
             self._pki = tlscerts.Pki.create(self.workdir / "tls")
-        if role == "receiver":
-            return ["-object", tlscerts.creds_object(
-                        "tls0", self._pki.receiver, "server"),
-                    "-object", tlscerts.authz_object(
-                        "authz0", tlscerts.SENDER_CN)]
-        return ["-object", tlscerts.creds_object("tls0", self._pki.sender,
-                                                 "client")]
+        return self._pki.qemu_args(role)
 
     @staticmethod
     def count_steps(systems: Iterable[str], workloads: Iterable[str],

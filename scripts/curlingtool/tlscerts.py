@@ -167,6 +167,21 @@ class Pki:
                    ca.issue(root / "receiver", "server", RECEIVER_CN, hosts),
                    ca.issue(root / "sender", "client", SENDER_CN))
 
+    def qemu_args(self, role: str, other: bool = False) -> list[str]:
+        """QEMU arguments of ``role``'s ("sender" or "receiver")
+        credentials, object ``tls0``, and an authorization ``authz0`` that
+        lets in only the sender's name (tls-authz, on a receiver).
+        ``other`` adds the other role's credentials as ``tls1`` (a
+        receiver that will protect its guest again)."""
+        folders = {"receiver": (self.receiver, "server"),
+                   "sender": (self.sender, "client")}
+        args = ["-object", creds_object("tls0", *folders[role])]
+        if other:
+            args += ["-object", creds_object(
+                "tls1", *folders["sender" if role == "receiver"
+                                 else "receiver"])]
+        return args + ["-object", authz_object("authz0", SENDER_CN)]
+
     def stranger(self, kind: str) -> pathlib.Path:
         """Client credentials of one of the STRANGERS."""
         folder = self.root / f"stranger-{kind}"

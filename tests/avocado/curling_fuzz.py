@@ -57,6 +57,10 @@ from curling_proxy import (ACK_SIZE, CANCEL, CHECKPOINT, FRAME_HDR_SIZE,
                            FRAME_MAGIC, HEARTBEAT, READY_ACK, CurlingProxy,
                            crc32c)
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] /
+                       "scripts"))
+from curlingtool.vm import free_tcp_port  # noqa: E402
+
 #: The fuzzed VM: a PC with firmware only.  Both sides use these.
 VM_ARGS = ("-machine", "pc", "-accel", "tcg", "-m", "32M", "-nodefaults",
            "-display", "none", "-no-reboot")
@@ -535,9 +539,7 @@ def _free_port() -> int:
     two sessions must not pick the same one before their QEMUs bind."""
     with _ports_lock:
         while True:
-            with socket.socket() as s:
-                s.bind((HOST, 0))
-                port = s.getsockname()[1]
+            port = free_tcp_port()
             if port not in _ports_taken:
                 _ports_taken.add(port)
                 return port

@@ -582,6 +582,33 @@ class CurlingTest(avocado.Test):
         self.proxies.append(proxy)
         return proxy.start()
 
+    # -- what a receiver did -----------------------------------------------
+
+    @staticmethod
+    def failovers(vm: VM) -> list[dict[str, Any]]:
+        """The CURLING_FAILOVER events ``vm`` emitted so far."""
+        vm.qmp("query-status")      # collects pending events
+        return [e for e in vm.events if e.get("event") == "CURLING_FAILOVER"]
+
+    def assert_resumed(self, vm: VM, since: int, low: int,
+                       high: Optional[int], what: str) -> list[Tick]:
+        """``vm``'s guest goes on from a tick in ``low..high`` (``high``
+        None: no upper bound) and runs with a clean self-check."""
+        ticks = vm.wait_ticks(TICKS_AFTER_FAILOVER, timeout=60, since=since)
+        first = ticks[0].n
+        self.log.info("%s: %s's first tick %d (allowed %d..%s)", what,
+                      vm.name, first, low, high)
+        self.assertGreaterEqual(
+            first, low, f"{what}: {vm.name} resumed at tick {first}, older "
+            f"than tick {low - 1} that its last committed checkpoint had seen")
+        if high is not None:
+            self.assertLessEqual(
+                first, high, f"{what}: {vm.name} resumed at tick {first}, "
+                f"newer than the sender's tick {high - 1}")
+        self.assert_consecutive(vm, ticks)
+        self.assert_ticks_ok(vm, since=since)
+        return ticks
+
     # -- TLS --------------------------------------------------------------
 
     def tls_pki(self) -> tlscerts.Pki:
@@ -604,15 +631,7 @@ class CurlingTest(avocado.Test):
         (a receiver that protects its guest again once it took over).
         Each of ``strangers`` (tlscerts.STRANGERS) adds client
         credentials ``tls-<kind>``."""
-        folders = {"receiver": (pki.receiver, "server"),
-                   "sender": (pki.sender, "client")}
-        args = ["-object", tlscerts.creds_object("tls0", *folders[role])]
-        if other:
-            args += ["-object", tlscerts.creds_object(
-                "tls1", *folders["sender" if role == "receiver" else
-                                 "receiver"])]
-        args += ["-object", tlscerts.authz_object("authz0",
-                                                  tlscerts.SENDER_CN)]
+        args = pki.qemu_args(role, other)
         for kind in strangers:
             args += ["-object", tlscerts.creds_object(
                 f"tls-{kind}", pki.stranger(kind), "client")]

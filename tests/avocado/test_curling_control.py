@@ -60,10 +60,6 @@ class CurlingControlBase(CurlingTest):
                 curling_info(vm)),
             timeout, f"Curling status {status} on {vm.name}", 0.05)
 
-    def failovers(self, vm: VM) -> list[dict[str, Any]]:
-        vm.qmp("query-status")      # collects pending events
-        return [e for e in vm.events if e.get("event") == "CURLING_FAILOVER"]
-
     def scratch(self, name: str) -> pathlib.Path:
         assert self._tmpdir is not None
         return self._tmpdir / name

@@ -34,8 +34,6 @@ BOOT_DEADLINE = 120.0
 REFUSE_DEADLINE = 30.0
 #: Seconds from a cut connection to CURLING_FAILOVER.
 FAILOVER_DEADLINE = 10.0
-#: Ticks a resumed guest must print.
-TICKS_AFTER_RESUME = 15
 
 APPEND = "curling.mode=dirty curling.rate=4"
 
@@ -69,10 +67,6 @@ class CurlingTlsBase(CurlingTest):
         if receiver_tls:
             self.use_tls(receiver, "receiver")
         return sender, receiver, uri
-
-    def failovers(self, vm: VM) -> list[dict]:
-        vm.qmp("query-status")      # collects pending events
-        return [e for e in vm.events if e["event"] == "CURLING_FAILOVER"]
 
     def assert_waiting(self, receiver: VM, what: str) -> None:
         """``receiver`` still waits for its sender: no guest, no failover,
@@ -141,17 +135,6 @@ class CurlingTlsBase(CurlingTest):
             return
         if data:
             raise AssertionError(f"{what}: the receiver sent {data!r}")
-
-    def assert_resumed(self, vm: VM, since: int, low: int, what: str) -> None:
-        """``vm``'s guest goes on from tick ``low`` or later, tick by tick,
-        with a clean memory self-check."""
-        ticks = vm.wait_ticks(TICKS_AFTER_RESUME, timeout=60, since=since)
-        self.log.info("%s: %s's first tick %d (at least %d)", what, vm.name,
-                      ticks[0].n, low)
-        self.assertGreaterEqual(ticks[0].n, low,
-                                f"{what}: resumed from an older state")
-        self.assert_consecutive(vm, ticks)
-        self.assert_ticks_ok(vm, since=since)
 
 
 class CurlingTls(CurlingTlsBase):
@@ -224,8 +207,7 @@ class CurlingTls(CurlingTlsBase):
             committed = curling_info(sender)["sequence"]
             mark = receiver.console_mark()
             rst = rng.random() < 0.5
-            result = proxy.arm_raw_cut(rng.randrange(1, 2 * 1024 * 1024),
-                                       rst=rst)
+            proxy.arm_raw_cut(rng.randrange(1, 2 * 1024 * 1024), rst=rst)
             result = proxy.wait_action(timeout=60)
             event = receiver.wait_event("CURLING_FAILOVER",
                                         timeout=FAILOVER_DEADLINE)
@@ -244,7 +226,7 @@ class CurlingTls(CurlingTlsBase):
                                  sinfo["sequence"] + 1,
                                  f"{label}: a checkpoint never sent whole")
             self.assertEqual(sinfo["status"], "error")
-            self.assert_resumed(receiver, mark, before.n + 1, label)
+            self.assert_resumed(receiver, mark, before.n + 1, None, label)
             self.assertEqual(curling_info(receiver)["status"], "failed-over")
             sender.kill(signal.SIGKILL)
             if rnd < 3:

@@ -43,6 +43,19 @@ def test_qemu_objects(tmp_path: Path) -> None:
         "authz-simple,id=authz0,identity=CN=curling-sender"
 
 
+def test_qemu_args_by_role(tmp_path: Path) -> None:
+    pki = tlscerts.Pki(tmp_path, tlscerts.Authority(tmp_path / "ca"),
+                       tmp_path / "r", tmp_path / "s")
+    authz = tlscerts.authz_object("authz0", tlscerts.SENDER_CN)
+    assert pki.qemu_args("receiver") == [
+        "-object", tlscerts.creds_object("tls0", tmp_path / "r", "server"),
+        "-object", authz]
+    assert pki.qemu_args("sender", other=True) == [
+        "-object", tlscerts.creds_object("tls0", tmp_path / "s", "client"),
+        "-object", tlscerts.creds_object("tls1", tmp_path / "r", "server"),
+        "-object", authz]
+
+
 @needs_certtool
 def test_pair_layout_and_chain(tmp_path: Path) -> None:
     pki = tlscerts.Pki.create(tmp_path)
