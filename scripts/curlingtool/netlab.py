@@ -25,6 +25,8 @@ BRIDGE = "br0"
 HOST_IP = "10.0.0.1"
 GUEST_IP = "10.0.0.2"
 PREFIX = 24
+#: The bridge's own MAC, fixed (see NetLab.up()).
+BRIDGE_MAC = "02:00:0a:00:00:01"
 #: The guest's MAC, the same on every QEMU that runs it.
 GUEST_MAC = "52:54:00:c0:11:01"
 
@@ -80,7 +82,14 @@ class NetLab:
         self._up = True
         try:
             _ip("link", "set", "lo", "up", netns=self.name)
-            _ip("link", "add", BRIDGE, "type", "bridge", netns=self.name)
+            # A bridge with no address of its own takes the lowest MAC of
+            # its ports, so adding a tap for the next receiver would give
+            # the guest's only neighbour a new MAC that the guest's ARP
+            # entry does not know: its packets then go nowhere until that
+            # entry is probed again (tens of seconds). A real LAN's
+            # gateway keeps its address.
+            _ip("link", "add", BRIDGE, "address", BRIDGE_MAC, "type",
+                "bridge", netns=self.name)
             _ip("addr", "add", f"{HOST_IP}/{PREFIX}", "dev", BRIDGE,
                 netns=self.name)
             _ip("link", "set", BRIDGE, "up", netns=self.name)
