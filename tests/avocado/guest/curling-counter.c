@@ -15,6 +15,12 @@
  * and checking its own pages only.  Worker 0 is the main thread and prints
  * the tick line; "work" and "pages" are the sums over every worker, and the
  * line says check=FAIL when any worker's check failed since the last line.
+ * Each buffer is first touched from its worker's CPU (on a NUMA guest it
+ * lives in that CPU's node), and once at start
+ *
+ *   curling: worker=<id> cpu=<cpu> node=<NUMA node of its first page>
+ *
+ * tells where it is.
  *
  * Self-check: a buffer of pages is rewritten at a fixed rate.  Rewriting page
  * i bumps its version v and fills the whole page with a pattern derived from
@@ -125,6 +131,7 @@
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -665,6 +672,25 @@ static void start_thread(void *(*fn)(void *), void *arg)
         out("curling: cannot start a thread: %s\n", strerror(err));
         exit(1);
     }
+}
+
+/*
+ * Print the NUMA node that holds the first page of a worker's buffer, as
+ * "curling: worker=<id> cpu=<cpu> node=<node>" (node -1: not known, e.g. a
+ * kernel without NUMA), so that a test can tell its memory layout was
+ * really used.
+ */
+static void report_node(const struct worker *w)
+{
+    void *page = w->buf;
+    int status = -1;
+
+    if (!w->buf ||
+        syscall(SYS_move_pages, 0, 1UL, &page, NULL, &status, 0) < 0) {
+        status = -1;
+    }
+    out("curling: worker=%u cpu=%d node=%d\n", w->id, sched_getcpu(),
+        status);
 }
 
 /* -- device load ------------------------------------------------------- */
@@ -1567,7 +1593,14 @@ int main(void)
         nworkers, cfg.devices);
 
     for (i = 0; i < nworkers; i++) {
+        /*
+         * Fill each worker's buffer from the CPU it will run on, so that
+         * on a NUMA guest its pages are first touched, and so placed, in
+         * that CPU's node.
+         */
+        pin_to_cpu(i);
         worker_init(&workers[i], i);
+        report_node(&workers[i]);
     }
     if (cfg.devices) {
         start_thread(reporter_thread, NULL);
