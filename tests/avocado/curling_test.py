@@ -374,10 +374,12 @@ class CurlingTest(avocado.Test):
     def new_receiver(self, name: str, sender: VM, machine: str = "pc",
                      append: str = "curling.mode=dirty curling.rate=4",
                      extra_args: Iterable[str] = (),
-                     netns: bool = False) -> tuple[VM, str]:
+                     netns: bool = False, mem: str = "256M", smp: int = 1
+                     ) -> tuple[VM, str]:
         """A fresh receiver for ``sender`` (e.g. a failed-over receiver
         that protects its guest again), on the other host CPU; returns it
-        and its curling: URI."""
+        and its curling: URI. ``machine``, ``append``, ``extra_args``,
+        ``mem`` and ``smp`` must be the sender's."""
         uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
         cpus = sorted(os.sched_getaffinity(0))
         affinity = None
@@ -385,7 +387,8 @@ class CurlingTest(avocado.Test):
             affinity = {next(c for c in cpus if c not in sender.cpu_affinity)}
         receiver = self.launch_vm(name, incoming=uri, machine=machine,
                                   append=append, extra_args=extra_args,
-                                  cpu_affinity=affinity, netns=netns)
+                                  cpu_affinity=affinity, netns=netns,
+                                  mem=mem, smp=smp)
         return receiver, uri
 
     # -- disks ------------------------------------------------------------

@@ -1,0 +1,169 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Curling protects every RAM block of the guest, not only the first.
+
+A guest's memory is one RAM block only in the simplest layout: every NUMA
+node given a memory backend (as libvirt builds each NUMA guest), a DIMM,
+a file-backed memory are blocks of their own, at RAM addresses other than
+0.  For each layout of the matrix the guest runs one worker per vCPU, each
+filling and then rewriting and checking its own buffer from its own CPU,
+so that on a NUMA guest every node holds pages the guest keeps changing
+(the guest says which node each buffer is in, and the test checks it).
+The sender is killed with SIGKILL in chained rounds; after every failover
+the resumed guest must go on from the last committed checkpoint with a
+clean self-check on every vCPU, and stay alive: no kernel oops, no
+reboot, its ticks going on for ``ALIVE_S`` seconds after the last one.
+
+``CURLING_MEMORY_LAYOUTS=numa2,dimm`` runs only some rows,
+``CURLING_MEMORY_ALIVE=S`` watches the last failover longer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Callable, Optional
+
+from curling_test import CurlingTest, VM
+
+#: Seconds from QEMU start to a ticking guest (TCG, up to 4 vCPUs).
+BOOT_DEADLINE = 180.0
+
+#: What a guest kernel in trouble prints on its console, and a second
+#: start of the workload (a reboot).
+TROUBLE_RE = re.compile(r"general protection fault|Oops|BUG:|Kernel panic|"
+                        r"invalid opcode|segfault|curling: start ")
+
+WORKER_RE = re.compile(r"curling: worker=(\d+) cpu=(-?\d+) node=(-?\d+)")
+
+
+@dataclasses.dataclass
+class Layout:
+    """One row of the matrix: a guest memory layout."""
+    name: str
+    machine: str
+    mem: str
+    smp: int
+    #: Arguments of both sides.
+    args: tuple[str, ...]
+    #: NUMA node each worker's buffer must be in (None: not checked).
+    nodes: Optional[tuple[int, ...]]
+    #: Arguments of one side only, from the side's name and a folder.
+    side: Optional[Callable[[str, str], list[str]]] = None
+    append: str = ""
+
+
+def numa(count: int, size_mb: int) -> tuple[str, ...]:
+    """``count`` NUMA nodes of ``size_mb`` MiB each, one vCPU in each,
+    every node's memory its own backend (a RAM block of its own)."""
+    args: list[str] = []
+    for n in range(count):
+        args += ["-object", f"memory-backend-ram,id=m{n},size={size_mb}M",
+                 "-numa", f"node,nodeid={n},cpus={n},memdev=m{n}"]
+    return tuple(args)
+
+
+def file_backend(name: str, folder: str) -> list[str]:
+    """Guest RAM in a file of this side's own, shared (as for vhost-user)."""
+    return ["-object", f"memory-backend-file,id=ram0,size=256M,share=on,"
+            f"mem-path={folder}/{name}-ram"]
+
+
+LAYOUTS = [
+    Layout("numa2", "q35", "256M", 2, numa(2, 128), (0, 1)),
+    Layout("numa4", "q35", "256M", 4, numa(4, 64), (0, 1, 2, 3)),
+    Layout("file", "q35,memory-backend=ram0", "256M", 2, (), None,
+           side=file_backend),
+    # Node 1 has no memory but the DIMM's: worker 1's buffer is in it.
+    Layout("dimm", "q35", "256M,slots=2,maxmem=1G", 2,
+           ("-object", "memory-backend-ram,id=m0,size=256M",
+            "-numa", "node,nodeid=0,cpus=0,memdev=m0",
+            "-numa", "node,nodeid=1,cpus=1",
+            "-object", "memory-backend-ram,id=d0,size=128M",
+            "-device", "pc-dimm,id=dimm0,memdev=d0,node=1"),
+           (0, 1), append="memhp_default_state=online"),
+]
+
+
+class CurlingMemoryLayouts(CurlingTest):
+    """
+    :avocado: tags=arch:x86_64,curling,failover,memory
+    """
+
+    APPEND = "curling.mode=dirty curling.rate=4 curling.mb=8"
+    ROUNDS = 2
+    #: Seconds the guest must stay alive after every failover but the
+    #: last, and after the last one.
+    ALIVE_BETWEEN_S = 10.0
+    ALIVE_S = 60.0
+
+    def test_layouts(self) -> None:
+        """Every layout of the matrix survives chained kill -9 rounds."""
+        wanted = os.environ.get("CURLING_MEMORY_LAYOUTS")
+        rows = [lay for lay in LAYOUTS
+                if not wanted or lay.name in wanted.split(",")]
+        self.assertTrue(rows, f"CURLING_MEMORY_LAYOUTS={wanted}: no such row")
+        alive = float(os.environ.get("CURLING_MEMORY_ALIVE", self.ALIVE_S))
+        seed, rng = self.seeded_rng()
+        for layout in rows:
+            self.log.info("layout %s (seed %d)", layout.name, seed)
+            self.run_layout(layout, rng, alive)
+
+    def run_layout(self, layout: Layout, rng, alive: float) -> None:
+        append = f"{self.APPEND} {layout.append}".strip()
+        assert self._tmpdir is not None
+        folder = str(self._tmpdir)
+        side = ((lambda name: layout.side(name, folder)) if layout.side
+                else None)
+        sender, receiver, uri = self.launch_pair(
+            machine=layout.machine, append=append, extra_args=layout.args,
+            mem=layout.mem, smp=layout.smp, side_args=side)
+        sender.wait_tick(5, timeout=BOOT_DEADLINE)
+        self.check_placement(sender, layout)
+        for rnd in range(1, self.ROUNDS + 1):
+            label = f"{layout.name} round {rnd}/{self.ROUNDS}"
+            self.protect(sender, receiver, uri)
+            self.wait_checkpoints(sender, 5)
+            mark = receiver.console_mark()
+            self.kill_round(sender, receiver, rng.uniform(0.3, 2.0), label)
+            self.assert_alive(receiver, mark, alive if rnd == self.ROUNDS
+                              else self.ALIVE_BETWEEN_S, label)
+            if rnd < self.ROUNDS:
+                sender = receiver
+                name = f"{layout.name}-receiver{rnd + 1}"
+                receiver, uri = self.new_receiver(
+                    name, sender, layout.machine, append,
+                    tuple(layout.args) + tuple(side(name) if side else ()),
+                    mem=layout.mem, smp=layout.smp)
+        receiver.kill()
+
+    def check_placement(self, vm: VM, layout: Layout) -> None:
+        """Each worker's buffer is in the node the layout puts it in."""
+        found = {int(w): (int(cpu), int(node))
+                 for w, cpu, node in WORKER_RE.findall(vm.console())}
+        self.log.info("%s: workers (cpu, node): %s", layout.name, found)
+        self.assertEqual(sorted(found), list(range(layout.smp)),
+                         f"{layout.name}: not one worker per vCPU")
+        if layout.nodes is not None:
+            nodes = tuple(found[w][1] for w in sorted(found))
+            self.assertEqual(nodes, layout.nodes,
+                             f"{layout.name}: the workers' buffers are not "
+                             f"in the nodes of their CPUs")
+
+    def assert_alive(self, vm: VM, mark: int, seconds: float,
+                     label: str) -> None:
+        """``vm``'s guest goes on ticking with a clean self-check for
+        ``seconds`` after the console position ``mark``, and its kernel
+        reports no trouble."""
+        ticks = vm.wait_ticks(int(seconds * 10), timeout=seconds * 4 + 60,
+                              since=mark)
+        self.assertTrue(vm.is_running(), f"{label}: {vm.name} died")
+        trouble = [line for line in vm.console()[mark:].splitlines()
+                   if TROUBLE_RE.search(line)]
+        self.assertEqual(trouble, [], f"{label}: {vm.name}'s guest kernel "
+                         f"is in trouble after failover")
+        self.assert_consecutive(vm, ticks)
+        self.assert_ticks_ok(vm, since=mark)
+        self.log.info("%s: %s alive for %d ticks after failover, ticks "
+                      "%d..%d", label, vm.name, len(ticks), ticks[0].n,
+                      ticks[-1].n)
