@@ -23,8 +23,8 @@ import time
 
 from qemu.qmp import ExecuteError
 
-from curling_test import (FAILOVER_DEADLINE, VM, CurlingTest, curling_info,
-                          free_tcp_port, wait_until)
+from curling_test import (FAILOVER_DEADLINE, QEMU_IMG, VM, CurlingTest,
+                          curling_info, free_tcp_port, wait_until)
 
 #: Seconds from QEMU start to a guest that ticks.
 BOOT_DEADLINE = 120.0
@@ -130,6 +130,95 @@ class CurlingDisk(CurlingTest):
                     name, sender, append=APPEND,
                     extra_args=self.disk_args(name, VIRTIO_BLK,
                                               junk=rnd % 2 == 1))
+
+    def test_block_changes_refused_while_protected(self) -> None:
+        """While the guest's drive is replicated, every block operation
+        that would make the guest write where Curling does not look, or
+        change what the receiver must hold (external snapshots, a mirror,
+        a stream, a commit, a resize), is refused with an error that names
+        Curling and the way out, and the drive stays as it was; a backup
+        works.  A failover then resumes a guest whose disk agrees with its
+        memory, and once protection ends the drive takes snapshots again.
+        """
+        assert self._tmpdir is not None
+        tmp = self._tmpdir
+        sender, receiver, uri = self.launch_pair(
+            append=APPEND, side_args=lambda n: self.disk_args(n, VIRTIO_BLK))
+        sender.wait_tick(2, timeout=BOOT_DEADLINE)
+        self.wait_diskchecks(sender, 2)
+        self.protect(sender, receiver, uri)
+        root = self.root_node(sender, "disk0")
+
+        target = self.disk_image("target")
+        sender.qmp("blockdev-add", driver="raw", node_name="target",
+                   file={"driver": "file", "filename": str(target)})
+        overlay = tmp / "overlay.qcow2"
+        subprocess.run([str(QEMU_IMG), "create", "-q", "-f", "qcow2",
+                        str(overlay), str(self.DISK_SIZE)], check=True)
+        sender.qmp("blockdev-add", driver="qcow2", node_name="overlay",
+                   backing=None,
+                   file={"driver": "file", "filename": str(overlay)})
+        refused = [
+            ("blockdev-snapshot-sync",
+             {"device": "disk0", "format": "qcow2",
+              "snapshot-file": str(tmp / "snap.qcow2")}),
+            ("blockdev-snapshot", {"node": root, "overlay": "overlay"}),
+            ("blockdev-mirror", {"job-id": "mirror0", "device": "disk0",
+                                 "target": "target", "sync": "full"}),
+            ("block-stream", {"job-id": "stream0", "device": "disk0"}),
+            ("block-commit", {"job-id": "commit0", "device": "disk0"}),
+            ("block_resize", {"device": "disk0",
+                              "size": 2 * self.DISK_SIZE}),
+        ]
+        for command, args in refused:
+            with self.assertRaises(ExecuteError,
+                                   msg=f"{command} accepted while the drive "
+                                       f"is protected") as ctx:
+                sender.qmp(command, args)
+            message = str(ctx.exception)
+            self.log.info("%s refused: %s", command, message)
+            self.assertRegex(message, r"Curling.*migrate_cancel",
+                             f"{command}: the error does not say why or "
+                             f"what to do")
+        self.assertEqual(self.root_node(sender, "disk0"), root,
+                         "the protected drive's root node changed")
+        self.assertFalse(os.path.exists(tmp / "snap.qcow2"),
+                         "a refused snapshot left an overlay behind")
+
+        mark = len(sender.events)
+        sender.qmp("blockdev-backup", job_id="backup0", device="disk0",
+                   target="target", sync="full")
+        event = sender.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
+        self.log.info("backup while protected: %s", event["data"])
+        self.assertNotIn("error", event["data"], "the backup failed")
+        self.assertGreater(len(sender.events), mark)
+        self.assertEqual(curling_info(sender)["status"], "protecting")
+
+        mark = receiver.console_mark()
+        self.kill_round(sender, receiver, 0.5, "after refusals")
+        self.wait_diskchecks(receiver, 3, since=mark)
+        self.assert_diskchecks_ok(receiver, since=mark)
+
+        # Protection that ends lifts the refusals.
+        sender = receiver
+        receiver, uri = self.new_receiver(
+            "receiver2", sender, append=APPEND,
+            extra_args=self.disk_args("receiver2", VIRTIO_BLK))
+        self.protect(sender, receiver, uri)
+        sender.qmp("migrate_cancel")
+        wait_until(lambda: curling_info(sender)["status"] == "cancelled",
+                   30, f"{sender.name} cancelled", 0.1)
+        sender.qmp("blockdev-snapshot-sync", device="disk0", format="qcow2",
+                   snapshot_file=str(tmp / "after.qcow2"))
+        self.assertNotEqual(self.root_node(sender, "disk0"), root)
+
+    @staticmethod
+    def root_node(vm: VM, drive: str) -> str:
+        """Node name of the root of ``drive``."""
+        for block in vm.qmp("query-block"):
+            if block["device"] == drive:
+                return block["inserted"]["node-name"]
+        raise AssertionError(f"{vm.name} has no drive {drive}")
 
     def test_images_identical_at_checkpoint_boundary(self) -> None:
         """Three drives (virtio-blk, AHCI, virtio-scsi), the receiver's
