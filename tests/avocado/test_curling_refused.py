@@ -133,3 +133,63 @@ class CurlingRefused(CurlingTest):
                              r"vdi format .* does not support live "
                              r"migration")
         self.assert_ticks_ok(vm)
+
+    def test_filters_sending_output_early(self) -> None:
+        """A netfilter that would send the guest's output on before its
+        checkpoint is committed (filter-mirror, filter-redirector,
+        filter-rewriter on the guest's output) is refused at ``migrate``
+        and, while protecting, at ``object-add``; filters that only pass
+        the output on (filter-buffer, filter-dump) or see only what the
+        guest receives (queue=tx) are accepted."""
+        assert self._tmpdir is not None
+        tmp = self._tmpdir
+        net = ("-netdev", "user,id=n0,restrict=on",
+               "-device", "virtio-net-pci,netdev=n0")
+        sender = self.booted(extra_args=net)
+        sender.qmp("chardev-add", id="out0", backend={
+            "type": "file", "data": {"out": str(tmp / "mirror.out")}})
+        sender.qmp("object-add", {"qom-type": "filter-mirror", "id": "fm0",
+                                  "netdev": "n0", "outdev": "out0"})
+        self.refused_migrate(sender, "a filter-mirror on the guest's output",
+                             r"Curling holds the guest's output on netdev "
+                             r"'n0' .* filter-mirror 'fm0' .*queue=tx.*"
+                             r"migrate_cancel")
+        sender.qmp("object-del", id="fm0")
+
+        uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
+        receiver = self.launch_vm("receiver", incoming=uri, append=APPEND,
+                                  extra_args=net)
+        self.protect(sender, receiver, uri)
+        refused = [
+            {"qom-type": "filter-mirror", "id": "fm1", "netdev": "n0",
+             "outdev": "out0"},
+            {"qom-type": "filter-redirector", "id": "fr1", "netdev": "n0",
+             "queue": "rx", "outdev": "out0"},
+            {"qom-type": "filter-rewriter", "id": "fw1", "netdev": "n0"},
+        ]
+        for args in refused:
+            with self.assertRaises(ExecuteError,
+                                   msg=f"{args['qom-type']} accepted on a "
+                                       f"protected NIC") as cm:
+                sender.qmp("object-add", args)
+            self.log.info("%s refused: %s", args["qom-type"], cm.exception)
+            self.assertRegex(str(cm.exception),
+                             rf"Curling holds the guest's output on netdev "
+                             rf"'n0' .* {args['qom-type']} '{args['id']}'")
+        objects = {o["name"] for o in sender.qmp("qom-list", path="/objects")}
+        self.assertFalse(objects & {"fm1", "fr1", "fw1"},
+                         f"a refused filter was left behind: {objects}")
+        accepted = [
+            {"qom-type": "filter-mirror", "id": "fm2", "netdev": "n0",
+             "queue": "tx", "outdev": "out0"},
+            {"qom-type": "filter-buffer", "id": "fb2", "netdev": "n0",
+             "interval": 1000},
+            {"qom-type": "filter-dump", "id": "fd2", "netdev": "n0",
+             "file": str(tmp / "dump.pcap")},
+        ]
+        for args in accepted:
+            sender.qmp("object-add", args)
+        for args in accepted:
+            sender.qmp("object-del", id=args["id"])
+        self.wait_checkpoints(sender, 3)
+        self.assert_ticks_ok(sender)
