@@ -80,6 +80,17 @@ TICKS_AFTER_FAILOVER = 15
 SideArgs = Callable[[str], Iterable[str]]
 
 
+def numa_args(count: int, size_mb: int) -> tuple[str, ...]:
+    """Arguments for ``count`` NUMA nodes of ``size_mb`` MiB each, vCPU n
+    in node n, every node's memory a backend (a RAM block) of its own, as
+    libvirt builds NUMA guests; ``-m`` must be their sum."""
+    args: list[str] = []
+    for n in range(count):
+        args += ["-object", f"memory-backend-ram,id=m{n},size={size_mb}M",
+                 "-numa", f"node,nodeid={n},cpus={n},memdev=m{n}"]
+    return tuple(args)
+
+
 def event_time(event: dict[str, Any]) -> float:
     """Wall-clock time of a QMP event, as QEMU stamped it."""
     stamp = event["timestamp"]

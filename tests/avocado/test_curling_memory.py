@@ -24,7 +24,7 @@ import os
 import re
 from typing import Callable, Optional
 
-from curling_test import CurlingTest, VM
+from curling_test import VM, CurlingTest, numa_args
 
 #: Seconds from QEMU start to a ticking guest (TCG, up to 4 vCPUs).
 BOOT_DEADLINE = 180.0
@@ -53,16 +53,6 @@ class Layout:
     append: str = ""
 
 
-def numa(count: int, size_mb: int) -> tuple[str, ...]:
-    """``count`` NUMA nodes of ``size_mb`` MiB each, one vCPU in each,
-    every node's memory its own backend (a RAM block of its own)."""
-    args: list[str] = []
-    for n in range(count):
-        args += ["-object", f"memory-backend-ram,id=m{n},size={size_mb}M",
-                 "-numa", f"node,nodeid={n},cpus={n},memdev=m{n}"]
-    return tuple(args)
-
-
 def file_backend(name: str, folder: str) -> list[str]:
     """Guest RAM in a file of this side's own, shared (as for vhost-user)."""
     return ["-object", f"memory-backend-file,id=ram0,size=256M,share=on,"
@@ -70,8 +60,8 @@ def file_backend(name: str, folder: str) -> list[str]:
 
 
 LAYOUTS = [
-    Layout("numa2", "q35", "256M", 2, numa(2, 128), (0, 1)),
-    Layout("numa4", "q35", "256M", 4, numa(4, 64), (0, 1, 2, 3)),
+    Layout("numa2", "q35", "256M", 2, numa_args(2, 128), (0, 1)),
+    Layout("numa4", "q35", "256M", 4, numa_args(4, 64), (0, 1, 2, 3)),
     Layout("file", "q35,memory-backend=ram0", "256M", 2, (), None,
            side=file_backend),
     # Node 1 has no memory but the DIMM's: worker 1's buffer is in it.
