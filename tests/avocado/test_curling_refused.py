@@ -151,9 +151,9 @@ class CurlingRefused(CurlingTest):
         sender.qmp("object-add", {"qom-type": "filter-mirror", "id": "fm0",
                                   "netdev": "n0", "outdev": "out0"})
         self.refused_migrate(sender, "a filter-mirror on the guest's output",
-                             r"Curling holds the guest's output on netdev "
-                             r"'n0' .* filter-mirror 'fm0' .*queue=tx.*"
-                             r"migrate_cancel")
+                             r"Curling would hold the guest's output on "
+                             r"netdev 'n0' .* filter-mirror 'fm0' "
+                             r".*queue=tx.*object-del")
         sender.qmp("object-del", id="fm0")
 
         uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
@@ -175,7 +175,8 @@ class CurlingRefused(CurlingTest):
             self.log.info("%s refused: %s", args["qom-type"], cm.exception)
             self.assertRegex(str(cm.exception),
                              rf"Curling holds the guest's output on netdev "
-                             rf"'n0' .* {args['qom-type']} '{args['id']}'")
+                             rf"'n0' .* {args['qom-type']} '{args['id']}' "
+                             rf".*migrate_cancel")
         objects = {o["name"] for o in sender.qmp("qom-list", path="/objects")}
         self.assertFalse(objects & {"fm1", "fr1", "fw1"},
                          f"a refused filter was left behind: {objects}")
