@@ -230,6 +230,53 @@ class CurlingControl(CurlingControlBase):
         self.assertEqual(sender.qmp("query-status")["status"], "running")
         self.assert_ticking(sender, since=sender.console_mark())
 
+    def test_failed_stop_ends_protection(self) -> None:
+        """A checkpoint whose stop fails (here the disk flush that stopping
+        the VM does: blkdebug fails every flush once the test wrote to that
+        drive) ends protection with the error, and the guest runs on,
+        unprotected, instead of staying frozen; the receiver, told that
+        protection ended, never takes over."""
+        assert self._tmpdir is not None
+        conf = self.scratch("flush-fails.conf")
+        conf.write_text('[set-state]\nevent = "write_aio"\nstate = "1"\n'
+                        'new_state = "2"\n\n'
+                        '[inject-error]\nevent = "flush_to_disk"\n'
+                        'state = "2"\nerrno = "5"\n')
+        disk = "virtio-blk-pci,drive=fl0"
+
+        def side(name: str) -> list[str]:
+            image = self.disk_image(f"{name}-fl0")
+            # Only the sender's flushes fail.
+            spec = (f"blkdebug:{conf}:{image}" if name == "sender"
+                    else str(image))
+            return ["-drive", f"if=none,id=fl0,format=raw,file={spec}",
+                    "-device", disk]
+
+        sender, receiver, uri = self.launch_pair(append=self.APPEND,
+                                                 side_args=side)
+        sender.wait_tick(5, timeout=BOOT_DEADLINE)
+        self.protect(sender, receiver, uri)
+        self.wait_checkpoints(sender, 3)
+        sender.qmp("human-monitor-command",
+                   command_line='qemu-io fl0 "write -P 0x5a 0 64k"')
+        info = self.wait_curling_status(sender, "error")
+        self.log.info("sender after the failed stop: %s; %s", info,
+                      sender.qmp("query-migrate").get("error-desc"))
+        self.assertRegex(sender.qmp("query-migrate").get("error-desc", ""),
+                         r"stopping the VM failed")
+        self.assertEqual(sender.qmp("query-status")["status"], "running",
+                         "the failed stop left the guest frozen")
+        self.assert_ticking(sender, sender.console_mark())
+        self.wait_curling_status(receiver, "cancelled")
+
+        sender.kill()
+        time.sleep(3 * curling_info(receiver)["timeout"] / 1000 + 1)
+        self.assertEqual(self.failovers(receiver), [],
+                         "the receiver failed over after the sender ended "
+                         "protection")
+        self.assertEqual(receiver.ticks(), [],
+                         "the receiver ran the guest")
+
     def test_receiver_lost(self) -> None:
         """kill -9 the receiver: the sender reports the error and its guest
         runs on untouched."""
