@@ -8,7 +8,8 @@ a file-backed memory are blocks of their own, at RAM addresses other than
 filling and then rewriting and checking its own buffer from its own CPU,
 so that on a NUMA guest every node holds pages the guest keeps changing
 (the guest says which node each buffer is in, and the test checks it).
-The sender is killed with SIGKILL in chained rounds; after every failover
+A guest with RAM above 4 GiB is in the matrix too (one RAM block, mapped
+in two places).  The sender is killed with SIGKILL in chained rounds; after every failover
 the resumed guest must go on from the last committed checkpoint with a
 clean self-check on every vCPU, and stay alive: no kernel oops, no
 reboot, its ticks going on for ``ALIVE_S`` seconds after the last one.
@@ -34,7 +35,8 @@ BOOT_DEADLINE = 180.0
 TROUBLE_RE = re.compile(r"general protection fault|Oops|BUG:|Kernel panic|"
                         r"invalid opcode|segfault|curling: start ")
 
-WORKER_RE = re.compile(r"curling: worker=(\d+) cpu=(-?\d+) node=(-?\d+)")
+WORKER_RE = re.compile(r"curling: worker=(\d+) cpu=(-?\d+) node=(-?\d+) "
+                       r"high=(-?\d+)")
 
 
 @dataclasses.dataclass
@@ -51,6 +53,8 @@ class Layout:
     #: Arguments of one side only, from the side's name and a folder.
     side: Optional[Callable[[str, str], list[str]]] = None
     append: str = ""
+    #: Some worker's buffer must reach this guest-physical address (MiB).
+    reach_mib: int = 0
 
 
 def file_backend(name: str, folder: str) -> list[str]:
@@ -72,6 +76,9 @@ LAYOUTS = [
             "-object", "memory-backend-ram,id=d0,size=128M",
             "-device", "pc-dimm,id=dimm0,memdev=d0,node=1"),
            (0, 1), append="memhp_default_state=online"),
+    # 4.5 GiB: pc puts the last 1.5 GiB above 4 GiB, where the kernel
+    # takes the workers' pages from first.
+    Layout("above4g", "pc", "4608M", 2, (), None, reach_mib=4096),
 ]
 
 
@@ -129,9 +136,10 @@ class CurlingMemoryLayouts(CurlingTest):
 
     def check_placement(self, vm: VM, layout: Layout) -> None:
         """Each worker's buffer is in the node the layout puts it in."""
-        found = {int(w): (int(cpu), int(node))
-                 for w, cpu, node in WORKER_RE.findall(vm.console())}
-        self.log.info("%s: workers (cpu, node): %s", layout.name, found)
+        found = {int(w): (int(cpu), int(node), int(high))
+                 for w, cpu, node, high in WORKER_RE.findall(vm.console())}
+        self.log.info("%s: workers (cpu, node, highest MiB): %s",
+                      layout.name, found)
         self.assertEqual(sorted(found), list(range(layout.smp)),
                          f"{layout.name}: not one worker per vCPU")
         if layout.nodes is not None:
@@ -139,6 +147,12 @@ class CurlingMemoryLayouts(CurlingTest):
             self.assertEqual(nodes, layout.nodes,
                              f"{layout.name}: the workers' buffers are not "
                              f"in the nodes of their CPUs")
+        if layout.reach_mib:
+            self.assertGreaterEqual(
+                max(high for _c, _n, high in found.values()),
+                layout.reach_mib,
+                f"{layout.name}: no worker's buffer reaches "
+                f"{layout.reach_mib} MiB")
 
     def assert_alive(self, vm: VM, mark: int, seconds: float,
                      label: str) -> None:

@@ -19,6 +19,7 @@
  * lives in that CPU's node), and once at start
  *
  *   curling: worker=<id> cpu=<cpu> node=<NUMA node of its first page>
+ *            high=<highest guest-physical address of its pages, MiB>
  *
  * tells where it is.
  *
@@ -675,10 +676,41 @@ static void start_thread(void *(*fn)(void *), void *arg)
 }
 
 /*
- * Print the NUMA node that holds the first page of a worker's buffer, as
- * "curling: worker=<id> cpu=<cpu> node=<node>" (node -1: not known, e.g. a
- * kernel without NUMA), so that a test can tell its memory layout was
- * really used.
+ * Highest guest-physical address, in MiB, of the pages of @buf (@npages
+ * pages), from /proc/self/pagemap; -1 if unknown.
+ */
+static long highest_phys_mib(const void *buf, uint64_t npages)
+{
+    uint64_t i, top = 0;
+    int fd = open("/proc/self/pagemap", O_RDONLY);
+
+    if (fd < 0) {
+        return -1;
+    }
+    for (i = 0; i < npages; i++) {
+        uint64_t entry, vpn = (uintptr_t)buf / PAGE_SIZE + i;
+
+        if (pread(fd, &entry, sizeof(entry), vpn * sizeof(entry)) !=
+            sizeof(entry)) {
+            close(fd);
+            return -1;
+        }
+        if (entry >> 63) {                  /* present */
+            uint64_t pfn = entry & ((1ULL << 55) - 1);
+
+            top = pfn > top ? pfn : top;
+        }
+    }
+    close(fd);
+    return (long)(top * PAGE_SIZE >> 20);
+}
+
+/*
+ * Print the NUMA node that holds the first page of a worker's buffer and
+ * the highest guest-physical address of its pages, as
+ * "curling: worker=<id> cpu=<cpu> node=<node> high=<MiB>" (-1: not
+ * known, e.g. a kernel without NUMA), so that a test can tell its memory
+ * layout was really used.
  */
 static void report_node(const struct worker *w)
 {
@@ -689,8 +721,9 @@ static void report_node(const struct worker *w)
         syscall(SYS_move_pages, 0, 1UL, &page, NULL, &status, 0) < 0) {
         status = -1;
     }
-    out("curling: worker=%u cpu=%d node=%d\n", w->id, sched_getcpu(),
-        status);
+    out("curling: worker=%u cpu=%d node=%d high=%ld\n", w->id,
+        sched_getcpu(), status,
+        w->buf ? highest_phys_mib(w->buf, w->npages) : -1L);
 }
 
 /* -- device load ------------------------------------------------------- */
