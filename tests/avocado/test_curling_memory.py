@@ -9,10 +9,11 @@ filling and then rewriting and checking its own buffer from its own CPU,
 so that on a NUMA guest every node holds pages the guest keeps changing
 (the guest says which node each buffer is in, and the test checks it).
 A guest with RAM above 4 GiB is in the matrix too (one RAM block, mapped
-in two places).  The sender is killed with SIGKILL in chained rounds; after every failover
-the resumed guest must go on from the last committed checkpoint with a
-clean self-check on every vCPU, and stay alive: no kernel oops, no
-reboot, its ticks going on for ``ALIVE_S`` seconds after the last one.
+in two places).  The sender is killed with SIGKILL in chained rounds;
+after every failover the resumed guest must go on from the last
+committed checkpoint with a clean self-check on every vCPU, and stay
+alive: no kernel oops, no reboot, its ticks going on for ``ALIVE_S``
+seconds after the last one.
 
 ``CURLING_MEMORY_LAYOUTS=numa2,dimm`` runs only some rows,
 ``CURLING_MEMORY_ALIVE=S`` watches the last failover longer.
