@@ -54,8 +54,8 @@ import time
 from typing import Any, Callable, Optional
 
 from curling_proxy import (ACK_SIZE, CANCEL, CHECKPOINT, FRAME_HDR_SIZE,
-                           FRAME_MAGIC, HEARTBEAT, READY_ACK, CurlingProxy,
-                           crc32c)
+                           FRAME_MAGIC, HEARTBEAT, READY_ACK, SETTINGS,
+                           CurlingProxy, crc32c)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] /
                        "scripts"))
@@ -205,11 +205,11 @@ def _header_field(rng: random.Random, frame: bytes, k: int):
     if field == "magic":
         magic ^= 1 << rng.randrange(32)
     elif field == "type":
-        ftype = rng.choice([t for t in (0, HEARTBEAT, CANCEL, 4, 255,
-                                        rng.getrandbits(32))
+        ftype = rng.choice([t for t in (0, HEARTBEAT, CANCEL, SETTINGS, 5,
+                                        255, rng.getrandbits(32))
                             if t != CHECKPOINT])
         if ftype == CANCEL and length == 0:
-            ftype = 4
+            ftype = 5
     elif field == "sequence":
         sequence = rng.choice((0, k, k + 2, k + 1 + rng.randrange(1, 1000),
                                2 ** 64 - 1, rng.getrandbits(64)))

@@ -54,10 +54,10 @@ ACK_MAGIC = 0x4341434B       # "CACK"
 FRAME_HDR_SIZE = 32
 ACK_SIZE = 20
 
-CHECKPOINT, HEARTBEAT, CANCEL = 1, 2, 3
-ACK_READY, ACK_COMMIT = 1, 2
+CHECKPOINT, HEARTBEAT, CANCEL, SETTINGS = 1, 2, 3, 4
+ACK_READY, ACK_COMMIT, ACK_CANCEL = 1, 2, 3
 FRAME_TYPES = {CHECKPOINT: "checkpoint", HEARTBEAT: "heartbeat",
-               CANCEL: "cancel"}
+               CANCEL: "cancel", SETTINGS: "settings"}
 
 HOST = "127.0.0.1"
 #: Seconds the proxy waits for the sender to connect.
