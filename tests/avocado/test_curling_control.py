@@ -732,12 +732,14 @@ class CurlingControl(CurlingControlBase):
     # -- parameters over their whole range --------------------------------
 
     def test_timeout_and_bandwidth_no_stall(self) -> None:
-        """curling-timeout 3000 with max-bandwidth 100 MiB/s, set while
-        protecting: checkpoints go on, and the receiver, which hears from
+        """curling-timeout 3000 with max-bandwidth 100 MiB/s, set on the
+        sender while protecting: the receiver applies the sender's
+        timeout, checkpoints go on, and the receiver, which hears from
         the sender all the time, never takes over."""
         sender, receiver = self.start_protected()
-        for vm in (receiver, sender):
-            vm.qmp("migrate-set-parameters", curling_timeout=3000)
+        sender.qmp("migrate-set-parameters", curling_timeout=3000)
+        wait_until(lambda: curling_info(receiver)["timeout"] == 3000, 5,
+                   "the receiver to apply the sender's timeout", 0.1)
         sender.qmp("migrate-set-parameters", max_bandwidth=100 * MiB)
         self.wait_checkpoints(sender, 30, timeout=30)
         time.sleep(4)       # longer than curling-timeout

@@ -93,7 +93,7 @@ class CurlingMemoryLayouts(CurlingTest):
     #: Seconds the guest must stay alive after every failover but the
     #: last, and after the last one.
     ALIVE_BETWEEN_S = 10.0
-    ALIVE_S = 60.0
+    ALIVE_S = 30.0
 
     def test_layouts(self) -> None:
         """Every layout of the matrix survives chained kill -9 rounds."""

@@ -177,7 +177,8 @@ class CurlingRules(CurlingTest):
             s_status, r_status = status(pair.sender), status(pair.receiver)
             if s_status is None and r_status == "failed-over":
                 return "receiver"
-            if s_status == "error" and r_status is None:
+            # The sender that won ends protection as the operator asked
+            if s_status in ("error", "cancelled") and r_status is None:
                 return "sender"
             return None
 
