@@ -33,6 +33,7 @@ import pathlib
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,13 @@ FAILOVER_DEADLINE = 10.0
 #: Ticks the failed-over guest must print (1.5 s: a full self-check of
 #: every page takes at most 1 s).
 TICKS_AFTER_FAILOVER = 15
+#: curling-timeout of managed pairs (ms).
+MANAGED_TIMEOUT_MS = 1000
+#: Seconds the agents of a pair may take to decide once both sides can
+#: know of a loss.
+DECISION_DEADLINE = 30.0
+#: Kernel command line of a pair's guest off the network.
+PAIR_APPEND = "curling.mode=dirty curling.rate=4"
 
 #: Arguments for one side of a pair, by VM name ("sender", "receiver"):
 #: what must differ between the sides, e.g. each side's own disk image.
@@ -725,6 +733,115 @@ class CurlingTest(avocado.Test):
                       f"(link-{n}.log)")
         return Link(proc, int(line))
 
+    # -- managed pairs --------------------------------------------------
+
+    def launch_side(self, name: str, net: bool, cpu: int,
+                    incoming: Optional[str] = None,
+                    agent: bool = True) -> VM:
+        """One side of a pair, pinned to host CPU ``cpu``: its guest serves
+        on the lab's network with ``net``, it has a monitor for its agent
+        with ``agent``; curling-timeout MANAGED_TIMEOUT_MS."""
+        extra = self.agent_monitor_args(name) if agent else []
+        if net:
+            extra = self.nic_args(name) + extra
+        cpus = sorted(os.sched_getaffinity(0))
+        vm = self.launch_vm(name, incoming=incoming,
+                            append=self.NET_APPEND if net else PAIR_APPEND,
+                            extra_args=extra,
+                            cpu_affinity={cpus[cpu % len(cpus)]},
+                            netns=net)
+        vm.qmp("migrate-set-parameters", curling_timeout=MANAGED_TIMEOUT_MS,
+               max_bandwidth=self.BANDWIDTH)
+        return vm
+
+    def managed_pair(self, witness: str, tag: str = "", vm: str = "guest",
+                     net: bool = False, link: bool = True,
+                     standby: Optional[str] = None) -> "Pair":
+        """A sender and a receiver with their agents (ids ``A<tag>`` and
+        ``B<tag>``) for the guest ``vm``, the sender's guest ticking; the
+        link between them a proxy of its own (or none, without ``link``).
+        The sender's agent starts with protect_pair()."""
+        port = free_tcp_port()
+        sender = self.launch_side(f"sender{tag}", net, 0)
+        receiver = self.launch_side(f"receiver{tag}", net, 1,
+                                    incoming=f"curling:tcp:127.0.0.1:{port}")
+        proxy = self.start_link(port, netns=net) if link else None
+        uri = proxy.uri if proxy else f"curling:tcp:127.0.0.1:{port}"
+        ragent = self.start_agent(receiver.name, "receiver", f"B{tag}",
+                                  witness, vm=vm, peer=f"A{tag}",
+                                  standby=standby)
+        wait_until(lambda: receiver.qmp("query-migrate-parameters")
+                   .get("curling-managed"), 30,
+                   f"the agent of {receiver.name} to set the managed mode")
+        sender.wait_tick(2, timeout=BOOT_TIMEOUT)
+        return Pair(sender, receiver, uri, proxy, ragent)
+
+    def protect_pair(self, pair: "Pair", witness: str, tag: str = "",
+                     vm: str = "guest", checkpoints: int = 3) -> None:
+        """The sender's agent claims the term and protects; returns once
+        the receiver's agent learned the term and ``checkpoints`` more
+        checkpoints committed."""
+        pair.sender_agent = self.start_agent(pair.sender.name, "sender",
+                                             f"A{tag}", witness, vm=vm,
+                                             protect=pair.uri)
+        for side in (pair.sender, pair.receiver):
+            wait_until(lambda side=side: curling_info(side)["status"] ==
+                       "protecting", 120, f"{side.name} protecting", 0.1)
+        wait_until(lambda: any("decision=armed" in line for line in
+                               pair.receiver_agent.decisions()), 30,
+                   "the receiver's agent to learn the term", 0.1)
+        self.wait_checkpoints(pair.sender, checkpoints)
+
+    def outcome(self, pair: "Pair",
+                deadline: float = DECISION_DEADLINE) -> str:
+        """Wait until one side acted and the other fenced itself: returns
+        "receiver" (took over, the sender quit) or "sender" (runs on
+        unprotected, the receiver quit)."""
+        def status(vm: VM) -> Optional[str]:
+            try:
+                return curling_info(vm)["status"] if vm.is_running() else None
+            except Exception:       # it went away meanwhile
+                return None
+
+        def done() -> Optional[str]:
+            s_status, r_status = status(pair.sender), status(pair.receiver)
+            if s_status is None and r_status == "failed-over":
+                return "receiver"
+            # A sender that won ends protection in error, or cancelled
+            # when the operator's cancel led to the loss.
+            if s_status in ("error", "cancelled") and r_status is None:
+                return "sender"
+            return None
+
+        return wait_until(done, deadline, "one side to act, the other to "
+                          "fence itself", 0.1)
+
+    def assert_one_copy(self, pair: "Pair", winner: str) -> VM:
+        """Exactly the ``winner`` runs its guest; returns it."""
+        alive = [vm for vm in (pair.sender, pair.receiver) if vm.is_running()]
+        self.assertEqual([vm.name for vm in alive],
+                         [getattr(pair, winner).name],
+                         "not exactly one copy of the guest is left")
+        vm = alive[0]
+        self.assertEqual(vm.qmp("query-status")["status"], "running")
+        return vm
+
+    def log_decisions(self, pair: "Pair") -> None:
+        for proc in (pair.sender_agent, pair.receiver_agent):
+            if proc is not None:
+                for line in proc.decisions():
+                    self.log.info("%s: %s", proc.me, line.split(" ", 2)[-1])
+
+    @staticmethod
+    def assert_closed(sock: socket.socket, what: str) -> None:
+        """The peer of ``sock`` closed it (FIN or reset)."""
+        try:
+            data = sock.recv(1)
+        except ConnectionResetError:
+            return
+        if data:
+            raise AssertionError(f"{what}: the receiver sent {data!r}")
+
     # -- kill -9 the sender ---------------------------------------------
 
     def sender_final_tick(self, sender: VM) -> tuple[int, bool]:
@@ -802,6 +919,24 @@ class CurlingTest(avocado.Test):
         self.assertEqual(curling_info(receiver)["status"], "failed-over")
         return RoundResult(failover_s, sequence, first, (t_seen + 1, high))
 
+    def assert_took_over(self, sender: VM, receiver: VM, before: Tick,
+                         since: int = 0) -> list[Tick]:
+        """``sender`` went silent (or died) after ``before`` was seen by a
+        committed checkpoint: ``receiver``'s guest goes on from a tick after
+        it, no later than the sender's last, one by one, and both guests'
+        self-checks are clean."""
+        ticks = receiver.wait_ticks(TICKS_AFTER_FAILOVER, timeout=60,
+                                    since=since)
+        last, mid_line = self.sender_final_tick(sender)
+        self.log.info("sender's ticks %d..%d, receiver's first %d",
+                      before.n, last, ticks[0].n)
+        self.assertGreaterEqual(ticks[0].n, before.n + 1)
+        self.assertLessEqual(ticks[0].n, last + 1 + int(mid_line))
+        self.assert_consecutive(receiver, ticks)
+        self.assert_ticks_ok(receiver)
+        self.assert_ticks_ok(sender)
+        return ticks
+
 
 @dataclasses.dataclass
 class AgentProc:
@@ -841,3 +976,14 @@ def uri_port(uri: str) -> int:
 def curling_info(vm: VM) -> dict[str, Any]:
     """query-curling of ``vm``."""
     return vm.qmp("query-curling")
+
+
+@dataclasses.dataclass
+class Pair:
+    """A managed pair (see CurlingTest.managed_pair)."""
+    sender: VM
+    receiver: VM
+    uri: str                        # what the sender protects to
+    link: Optional[Link]
+    receiver_agent: AgentProc
+    sender_agent: Optional[AgentProc] = None

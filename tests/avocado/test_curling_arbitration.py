@@ -14,34 +14,18 @@ that the losing side held is never seen.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import signal
 import time
-from typing import Optional
 
-from curling_test import (VM, AgentProc, CurlingTest, Link, curling_info,
-                          event_time, free_tcp_port, wait_until)
+from curling_test import DECISION_DEADLINE
+from curling_test import MANAGED_TIMEOUT_MS as TIMEOUT_MS
+from curling_test import (CurlingTest, curling_info, event_time,
+                          free_tcp_port, wait_until)
 
-#: Seconds from QEMU start to a ticking guest.
-BOOT_DEADLINE = 120.0
-#: curling-timeout of these tests (ms).
-TIMEOUT_MS = 1000
 #: Items a client must receive to count a service as flowing.
 FLOWING = 30
-#: Seconds a decision may take once both sides can know of the loss.
-DECISION_DEADLINE = 30.0
-
-
-@dataclasses.dataclass
-class Pair:
-    sender: VM
-    receiver: VM
-    uri: str                        # what the sender protects to
-    link: Optional[Link]
-    receiver_agent: AgentProc
-    sender_agent: Optional[AgentProc] = None
 
 
 class CurlingArbitration(CurlingTest):
@@ -50,97 +34,6 @@ class CurlingArbitration(CurlingTest):
     """
 
     ROUNDS = 3
-    APPEND = "curling.mode=dirty curling.rate=4"
-
-    # -- set-up -----------------------------------------------------------
-
-    def launch_side(self, name: str, net: bool, cpu: int,
-                    incoming: Optional[str] = None) -> VM:
-        extra = self.agent_monitor_args(name)
-        if net:
-            extra = self.nic_args(name) + extra
-        cpus = sorted(os.sched_getaffinity(0))
-        vm = self.launch_vm(name, incoming=incoming,
-                            append=self.NET_APPEND if net else self.APPEND,
-                            extra_args=extra,
-                            cpu_affinity={cpus[cpu % len(cpus)]},
-                            netns=net)
-        vm.qmp("migrate-set-parameters", curling_timeout=TIMEOUT_MS,
-               max_bandwidth=self.BANDWIDTH)
-        return vm
-
-    def managed_pair(self, witness: str, tag: str, vm: str,
-                     net: bool = False, link: bool = True,
-                     standby: Optional[str] = None) -> Pair:
-        """A sender and a receiver with their agents (ids ``A<tag>`` and
-        ``B<tag>``), the sender's agent protecting the guest ``vm`` through
-        a link of its own (or directly, without ``link``)."""
-        port = free_tcp_port()
-        sender = self.launch_side(f"sender{tag}", net, 0)
-        receiver = self.launch_side(f"receiver{tag}", net, 1,
-                                    incoming=f"curling:tcp:127.0.0.1:{port}")
-        proxy = self.start_link(port, netns=net) if link else None
-        uri = proxy.uri if proxy else f"curling:tcp:127.0.0.1:{port}"
-        ragent = self.start_agent(receiver.name, "receiver", f"B{tag}",
-                                  witness, vm=vm, peer=f"A{tag}",
-                                  standby=standby)
-        wait_until(lambda: receiver.qmp("query-migrate-parameters")
-                   .get("curling-managed"), 30,
-                   f"the agent of {receiver.name} to set the managed mode")
-        sender.wait_tick(2, timeout=BOOT_DEADLINE)
-        return Pair(sender, receiver, uri, proxy, ragent)
-
-    def protect_pair(self, pair: Pair, witness: str, tag: str,
-                     vm: str) -> None:
-        """The sender's agent claims the term and protects."""
-        pair.sender_agent = self.start_agent(pair.sender.name, "sender",
-                                             f"A{tag}", witness, vm=vm,
-                                             protect=pair.uri)
-        for side in (pair.sender, pair.receiver):
-            wait_until(lambda side=side: curling_info(side)["status"] ==
-                       "protecting", 120, f"{side.name} protecting", 0.1)
-        wait_until(lambda: any("decision=armed" in line for line in
-                               pair.receiver_agent.decisions()), 30,
-                   "the receiver's agent to learn the term", 0.1)
-        self.wait_checkpoints(pair.sender, 3)
-
-    def outcome(self, pair: Pair,
-                deadline: float = DECISION_DEADLINE) -> str:
-        """Wait until one side acted and the other fenced itself: returns
-        "receiver" (took over, the sender quit) or "sender" (runs on
-        unprotected, the receiver quit)."""
-        def status(vm: VM) -> Optional[str]:
-            try:
-                return curling_info(vm)["status"] if vm.is_running() else None
-            except Exception:       # it went away meanwhile
-                return None
-
-        def done() -> Optional[str]:
-            s_status, r_status = status(pair.sender), status(pair.receiver)
-            if s_status is None and r_status == "failed-over":
-                return "receiver"
-            if s_status == "error" and r_status is None:
-                return "sender"
-            return None
-
-        return wait_until(done, deadline, "one side to act, the other to "
-                          "fence itself", 0.1)
-
-    def assert_one_copy(self, pair: Pair, winner: str) -> VM:
-        """Exactly the ``winner`` runs its guest; returns it."""
-        alive = [vm for vm in (pair.sender, pair.receiver) if vm.is_running()]
-        self.assertEqual([vm.name for vm in alive],
-                         [getattr(pair, winner).name],
-                         "not exactly one copy of the guest is left")
-        vm = alive[0]
-        self.assertEqual(vm.qmp("query-status")["status"], "running")
-        return vm
-
-    def log_decisions(self, pair: Pair) -> None:
-        for agent in (pair.sender_agent, pair.receiver_agent):
-            if agent is not None:
-                for line in agent.decisions():
-                    self.log.info("%s: %s", agent.me, line.split(" ", 2)[-1])
 
     # -- partitions ---------------------------------------------------------
 

@@ -212,15 +212,7 @@ class CurlingFailover(CurlingFailoverBase):
                 "the receiver took far longer than curling-timeout")
             self.assertGreaterEqual(event["data"]["sequence"],
                                     info["sequence"])
-            ticks = receiver.wait_ticks(TICKS_AFTER_FAILOVER, timeout=60)
-            last, mid_line = self.sender_final_tick(sender)
-            self.log.info("sender's ticks %d..%d, receiver's first %d",
-                          before.n, last, ticks[0].n)
-            self.assertGreaterEqual(ticks[0].n, before.n + 1)
-            self.assertLessEqual(ticks[0].n, last + 1 + int(mid_line))
-            self.assert_consecutive(receiver, ticks)
-            self.assert_ticks_ok(receiver)
-            self.assert_ticks_ok(sender)
+            self.assert_took_over(sender, receiver, before)
             self.assertEqual(receiver.qmp("query-status")["status"],
                              "running")
         finally:

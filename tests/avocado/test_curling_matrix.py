@@ -8,10 +8,12 @@ witness for the whole run).  It injects one fault at one moment, heals
 what can heal, then samples both sides for SAMPLE_S seconds.  After each
 cell, what a user would check:
 
-* at most one copy of the guest runs at any sample (two only in the
-  cells where the automatic mode runs two by design: a partition).  A
-  sender waiting for a decision (``peer-lost``) holds all its output:
-  nobody sees its guest, which quits if it loses, so it is no copy;
+* at most one copy of the guest is seen by the world at any sample (two
+  only in the cells where the automatic mode runs two by design: a
+  partition).  A sender that protects holds its guest's output until a
+  checkpoint commits, which cannot happen once the receiver took over,
+  and one waiting for a decision (``peer-lost``) holds all of it: its
+  guest runs, but nobody sees it, and it quits if it lost;
 * the copy that runs on goes on from a committed state: its ticks are
   consecutive, its memory self-check is clean, and the client's stream
   has no bad or repeated line;
@@ -40,13 +42,12 @@ import threading
 import time
 from typing import Callable, Optional
 
+from curling_test import MANAGED_TIMEOUT_MS as TIMEOUT_MS
 from curling_test import (VM, AgentProc, CurlingTest, Link, NetClient,
                           curling_info, free_tcp_port, wait_until)
 
 #: Seconds from QEMU start to a ticking guest.
 BOOT_DEADLINE = 120.0
-#: curling-timeout of every cell (ms).
-TIMEOUT_MS = 1000
 #: Seconds both sides are sampled after the fault (and its healing).
 SAMPLE_S = 10.0
 #: Items a client must receive to count the service as flowing.
@@ -101,7 +102,7 @@ def ci_sample(rng: random.Random) -> list[Cell]:
     in a mode the fault has."""
     moments = list(MOMENTS) * (len(FAULTS) // len(MOMENTS) + 1)
     rng.shuffle(moments)
-    cells = []
+    cells: list[Cell] = []
     for i, fault in enumerate(FAULTS):
         mode = "managed" if fault in MANAGED_ONLY else rng.choice(MODES)
         cells.append(Cell(fault, moments[i], mode))
@@ -110,7 +111,7 @@ def ci_sample(rng: random.Random) -> list[Cell]:
 
 
 def random_cells(rng: random.Random, count: int) -> list[Cell]:
-    cells = []
+    cells: list[Cell] = []
     while len(cells) < count:
         cell = Cell(rng.choice(FAULTS), rng.choice(MOMENTS),
                     rng.choice(MODES))
@@ -127,34 +128,26 @@ class CurlingMatrix(CurlingTest):
 
     # -- one cell -----------------------------------------------------------
 
-    def launch_side(self, name: str, cpu: int, managed: bool,
-                    incoming: Optional[str] = None) -> VM:
-        extra = self.nic_args(name)
-        if managed:
-            extra += self.agent_monitor_args(name)
-        cpus = sorted(os.sched_getaffinity(0))
-        vm = self.launch_vm(name, incoming=incoming, append=self.NET_APPEND,
-                            extra_args=extra,
-                            cpu_affinity={cpus[cpu % len(cpus)]},
-                            netns=True)
-        vm.qmp("migrate-set-parameters", curling_timeout=TIMEOUT_MS,
-               max_bandwidth=self.BANDWIDTH)
-        return vm
-
     @staticmethod
-    def runs_guest(side: Side) -> bool:
-        """Whether ``side``'s QEMU runs its guest now, seen by the world
-        (not a sender holding all its output until a decision)."""
+    def guest_state(side: Side) -> tuple[bool, bool]:
+        """Whether ``side``'s QEMU runs its guest now, and whether the
+        world sees that guest: not a sender that holds its output until a
+        checkpoint commits (protecting: no commit can come once the
+        receiver took over) or until a decision (peer-lost)."""
         if side.stopped or not side.vm.is_running():
-            return False
+            return False, False
         try:
             if side.vm.qmp("query-status")["status"] != "running":
-                return False
+                return False, False
             info = curling_info(side.vm)
         except Exception:           # it went away meanwhile
-            return False
-        return not (info["role"] == "sender" and
-                    info["status"] == "peer-lost")
+            return False, False
+        held = (info["role"] == "sender" and
+                info["status"] in ("protecting", "peer-lost"))
+        return True, not held
+
+    def runs_guest(self, side: Side) -> bool:
+        return self.guest_state(side)[0]
 
     @staticmethod
     def side_status(side: Side) -> str:
@@ -272,9 +265,10 @@ class CurlingMatrix(CurlingTest):
                  witness: Optional[str]) -> Result:
         managed = cell.mode == "managed"
         port = free_tcp_port()
-        sender = Side(self.launch_side(f"s{n}", 0, managed))
+        sender = Side(self.launch_side(f"s{n}", True, 0, agent=managed))
         receiver = Side(self.launch_side(
-            f"r{n}", 1, managed, incoming=f"curling:tcp:127.0.0.1:{port}"))
+            f"r{n}", True, 1, incoming=f"curling:tcp:127.0.0.1:{port}",
+            agent=managed))
         link = self.start_link(port, netns=True)
         client = NetClient(self.netlab(), "stream",
                            self.logdir_path / f"client-{n}.json", 1)
@@ -338,8 +332,14 @@ class CurlingMatrix(CurlingTest):
         while deadline is None or time.monotonic() < deadline:
             if deadline is None and not healer.is_alive():
                 deadline = time.monotonic() + SAMPLE_S
-            copies = max(copies, sum(map(self.runs_guest,
-                                         (sender, receiver))))
+            seen = [self.guest_state(side)[1]
+                    for side in (sender, receiver)]
+            if sum(seen) > copies:
+                copies = sum(seen)
+                self.log.info("cell %d: %d cop%s seen (sender %s, receiver "
+                              "%s)", n, copies, "y" if copies == 1 else "ies",
+                              self.side_status(sender),
+                              self.side_status(receiver))
             time.sleep(0.2)
         healer.join()
 
@@ -349,8 +349,9 @@ class CurlingMatrix(CurlingTest):
                        else "receiver") + " runs"
         else:
             outcome = "two copies run" if runners else "none runs"
-        result = Result(cell, f"{outcome} (sender {self.side_status(sender)}, "
-                        f"receiver {self.side_status(receiver)})", copies, True)
+        states = (f"sender {self.side_status(sender)}, receiver "
+                  f"{self.side_status(receiver)}")
+        result = Result(cell, f"{outcome} ({states})", copies, True)
 
         for side in (sender, receiver):
             crash = self.crashed(side)

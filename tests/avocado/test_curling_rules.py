@@ -27,11 +27,10 @@ import socket
 import time
 from typing import Any, Callable, Optional
 
+from curling_test import MANAGED_TIMEOUT_MS as TIMEOUT_MS
 from curling_test import (FAILOVER_DEADLINE, TICKS_AFTER_FAILOVER, VM,
-                          CurlingTest, WaitTimeout, curling_info,
-                          event_time, free_tcp_port, uri_port, wait_until)
-from test_curling_arbitration import (DECISION_DEADLINE, FLOWING,
-                                      TIMEOUT_MS, Pair)
+                          CurlingTest, WaitTimeout, curling_info, event_time,
+                          uri_port, wait_until)
 
 #: Seconds from QEMU start to a ticking guest.
 BOOT_DEADLINE = 120.0
@@ -45,6 +44,8 @@ INTERVAL_MS = 3000
 SCREEN_S = 10.0
 
 APPEND = "curling.mode=dirty curling.rate=4"
+#: Items a client must receive to count a service as flowing.
+FLOWING = 30
 
 
 class CurlingRules(CurlingTest):
@@ -110,87 +111,6 @@ class CurlingRules(CurlingTest):
         return (f"{vm.name} {curling_info(vm)['status']}, guest "
                 f"{vm.qmp('query-status')['status']}")
 
-    @staticmethod
-    def assert_closed(sock: socket.socket, what: str) -> None:
-        """The peer of ``sock`` closed it (FIN or reset)."""
-        try:
-            data = sock.recv(1)
-        except ConnectionResetError:
-            return
-        if data:
-            raise AssertionError(f"{what}: the receiver sent {data!r}")
-
-    # -- managed pairs, as in test_curling_arbitration --------------------
-
-    def launch_managed_side(self, name: str, cpu: int,
-                            incoming: Optional[str] = None) -> VM:
-        """One side of a managed pair whose guest serves on the lab's
-        network, with a monitor for its agent."""
-        cpus = sorted(os.sched_getaffinity(0))
-        vm = self.launch_vm(name, incoming=incoming, append=self.NET_APPEND,
-                            extra_args=self.nic_args(name) +
-                            self.agent_monitor_args(name),
-                            cpu_affinity={cpus[cpu % len(cpus)]},
-                            netns=True)
-        vm.qmp("migrate-set-parameters", curling_timeout=TIMEOUT_MS,
-               max_bandwidth=self.BANDWIDTH)
-        return vm
-
-    def managed_pair(self, witness: str) -> Pair:
-        """A sender and a receiver with their agents (``A``, ``B``), the
-        sender's guest ticking; the link between them a proxy."""
-        port = free_tcp_port()
-        sender = self.launch_managed_side("sender", 0)
-        receiver = self.launch_managed_side(
-            "receiver", 1, incoming=f"curling:tcp:127.0.0.1:{port}")
-        link = self.start_link(port, netns=True)
-        ragent = self.start_agent(receiver.name, "receiver", "B", witness,
-                                  peer="A")
-        wait_until(lambda: receiver.qmp("query-migrate-parameters")
-                   .get("curling-managed"), 30,
-                   f"the agent of {receiver.name} to set the managed mode")
-        sender.wait_tick(2, timeout=BOOT_DEADLINE)
-        return Pair(sender, receiver, link.uri, link, ragent)
-
-    def protect_pair(self, pair: Pair, witness: str) -> None:
-        """The sender's agent claims the term and protects."""
-        pair.sender_agent = self.start_agent(pair.sender.name, "sender", "A",
-                                             witness, protect=pair.uri)
-        for side in (pair.sender, pair.receiver):
-            self.wait_status(side, lambda s: s == "protecting", "protecting")
-        wait_until(lambda: any("decision=armed" in line for line in
-                               pair.receiver_agent.decisions()), 30,
-                   "the receiver's agent to learn the term", 0.1)
-        self.wait_checkpoints(pair.sender, 2, timeout=30)
-
-    def outcome(self, pair: Pair) -> str:
-        """Wait until one side acted and the other fenced itself: returns
-        "receiver" (took over, the sender quit) or "sender" (runs on
-        unprotected, the receiver quit)."""
-        def status(vm: VM) -> Optional[str]:
-            try:
-                return curling_info(vm)["status"] if vm.is_running() else None
-            except Exception:       # it went away meanwhile
-                return None
-
-        def done() -> Optional[str]:
-            s_status, r_status = status(pair.sender), status(pair.receiver)
-            if s_status is None and r_status == "failed-over":
-                return "receiver"
-            # The sender that won ends protection as the operator asked
-            if s_status in ("error", "cancelled") and r_status is None:
-                return "sender"
-            return None
-
-        return wait_until(done, DECISION_DEADLINE, "one side to act, the "
-                          "other to fence itself", 0.1)
-
-    def log_decisions(self, pair: Pair) -> None:
-        for agent in (pair.sender_agent, pair.receiver_agent):
-            if agent is not None:
-                for line in agent.decisions():
-                    self.log.info("%s: %s", agent.me, line.split(" ", 2)[-1])
-
     # -- whose settings ----------------------------------------------------
 
     def test_sender_settings_rule_the_pair(self) -> None:
@@ -251,16 +171,7 @@ class CurlingRules(CurlingTest):
             self.assertGreaterEqual(silent_s, 0.7 * 1.5,
                                     "the receiver took over before the "
                                     "sender's curling-timeout")
-            ticks = receiver.wait_ticks(TICKS_AFTER_FAILOVER, timeout=60,
-                                        since=mark)
-            last, mid_line = self.sender_final_tick(sender)
-            self.log.info("sender's ticks %d..%d, receiver's first %d",
-                          before.n, last, ticks[0].n)
-            self.assertGreaterEqual(ticks[0].n, before.n + 1)
-            self.assertLessEqual(ticks[0].n, last + 1 + int(mid_line))
-            self.assert_consecutive(receiver, ticks)
-            self.assert_ticks_ok(receiver)
-            self.assert_ticks_ok(sender)
+            self.assert_took_over(sender, receiver, before, since=mark)
         finally:
             sender.kill(signal.SIGKILL)
 
@@ -273,7 +184,7 @@ class CurlingRules(CurlingTest):
         lost and asks the witness: exactly one copy runs on, and the
         guest's TCP client never sees output of the copy that lost."""
         witness = self.witness("etcd")
-        pair = self.managed_pair(witness)
+        pair = self.managed_pair(witness, net=True)
         assert pair.link is not None
         # Checkpoints at the interval only, none started by held output.
         pair.sender.qmp("migrate-set-parameters",
@@ -281,7 +192,7 @@ class CurlingRules(CurlingTest):
                         curling_output_delay=INTERVAL_MS)
         client = self.net_client("stream")
         self.wait_client(client, FLOWING)
-        self.protect_pair(pair, witness)
+        self.protect_pair(pair, witness, checkpoints=2)
         self.wait_client(client, FLOWING, timeout=60)
 
         self.wait_checkpoints(pair.sender, 1, timeout=30)

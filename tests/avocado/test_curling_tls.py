@@ -126,16 +126,6 @@ class CurlingTlsBase(CurlingTest):
             except (ssl.SSLError, OSError) as exc:
                 return f"{type(exc).__name__}: {exc}"
 
-    @staticmethod
-    def assert_closed(sock: socket.socket, what: str) -> None:
-        """The peer of ``sock`` closed it (FIN or reset)."""
-        try:
-            data = sock.recv(1)
-        except ConnectionResetError:
-            return
-        if data:
-            raise AssertionError(f"{what}: the receiver sent {data!r}")
-
 
 class CurlingTls(CurlingTlsBase):
     """
