@@ -28,11 +28,22 @@ On command (``arm_*``) it spoils one frame on the way:
 Everything runs in one thread; every wait is bounded and ``stop()`` ends
 it.  Only 127.0.0.1 is ever used.
 
+It can also stop at a moment of the protocol and tell the test:
+
+* ``hold``: keep back, from the next READY or COMMIT acknowledgement on,
+  everything the receiver sends, until ``release``: the sender waits for
+  that acknowledgement as long as the test likes;
+* ``notify_checkpoint``: report the moment the last byte of the next
+  checkpoint went to the receiver, which then applies it.
+
 Run as a program (``curling_proxy.py TARGET_PORT [PORT]``), it forwards
 one connection and prints the port it listens on: a link of its own
 between two QEMUs, in whatever network namespace it was started.  Stopping
 that process (SIGSTOP) partitions the link, no byte passing either way and
-both connections left open; SIGCONT heals it.
+both connections left open; SIGCONT heals it.  It reads commands on its
+standard input, one a line (``hold ready``, ``hold commit``, ``release``,
+``notify checkpoint``), and prints what happened, one event a line
+(``held ready``, ``held commit N``, ``forwarded checkpoint N``).
 """
 
 from __future__ import annotations
@@ -268,6 +279,14 @@ class CurlingProxy:
         self._acks = bytearray()
         self._ack_stream = bytearray()
         self.acks: list[tuple[int, int]] = []  # (type, sequence) after READY
+        # Held back from the sender: ordered with the pump's forwarding
+        self._up_lock = threading.Lock()
+        self._hold: Optional[int] = None      # hold from the next such ack
+        self._held_up: Optional[bytearray] = None
+        self._notify = False                  # report the next checkpoint
+        self._notified: Optional[int] = None  # ... which was just ended
+        #: Called with each event (``held ready``...), in the proxy thread.
+        self.on_event: Callable[[str], None] = self._log_event
 
         self._action: Optional[Action] = None
         # a stream the proxy cannot parse (TLS): a sample, a cut by count
@@ -347,6 +366,33 @@ class CurlingProxy:
             self._raw_cut = (self.first_round_bytes + self.frame_bytes +
                              after, rst)
         return action
+
+    def hold(self, what: str) -> None:
+        """Hold back everything the receiver sends from its next READY
+        (``ready``, before it came) or COMMIT (``commit``) on: from its
+        first byte, or from the first byte of the segment that completes
+        it if it began in one forwarded already."""
+        kind = {"ready": ACK_READY, "commit": ACK_COMMIT}[what]
+        with self._up_lock:
+            self._hold = kind
+
+    def release(self) -> None:
+        """Forward what was held back, and hold nothing more."""
+        with self._up_lock:
+            self._hold = None
+            held, self._held_up = self._held_up, None
+            if held:
+                self._send(self._up, bytes(held))
+        self.log.info("%s: released %d bytes", self.name,
+                      len(held) if held else 0)
+
+    def notify_checkpoint(self) -> None:
+        """Report (``forwarded checkpoint N``) once the last byte of the
+        next checkpoint went to the receiver."""
+        self._notify = True
+
+    def _log_event(self, event: str) -> None:
+        self.log.info("%s: %s", self.name, event)
 
     def _arm(self, action: Action) -> Action:
         with self._lock:
@@ -475,28 +521,54 @@ class CurlingProxy:
     # -- receiver -> sender: find READY, then read acknowledgements -------
 
     def _from_receiver(self, data: bytes) -> None:
+        with self._up_lock:
+            at = self._scan_acks(data)
+            if self._held_up is not None:
+                self._held_up += data
+                return
+            if at is not None:
+                self._held_up = bytearray(data[at:])
+                data = data[:at]
+            self._send(self._up, data)
+
+    def _scan_acks(self, data: bytes) -> Optional[int]:
+        """Record the acknowledgements in ``data``; the offset in it where
+        the one to hold starts, if it is there."""
+        at = None
         if not self.ready.is_set():
             self._ack_stream += data
             i = self._ack_stream.find(READY_ACK)
-            if i >= 0:
-                # Nothing of the sender's can be in flight: it waits for
-                # this READY, which is not forwarded yet.
-                self.ready.set()
-                self.log.info("%s: READY after %d bytes of first round",
-                              self.name, self.first_round_bytes)
-                self._acks += self._ack_stream[i + ACK_SIZE:]
-                self._ack_stream.clear()
-            else:
+            if i < 0:
                 del self._ack_stream[:-ACK_SIZE]
+                return None
+            # Nothing of the sender's can be in flight: it waits for
+            # this READY, which is not forwarded yet.
+            self.ready.set()
+            self.log.info("%s: READY after %d bytes of first round",
+                          self.name, self.first_round_bytes)
+            if self._hold == ACK_READY:
+                self._hold = None
+                at = max(0, i - (len(self._ack_stream) - len(data)))
+                self.on_event("held ready")
+            self._acks += self._ack_stream[i + ACK_SIZE:]
+            self._ack_stream.clear()
+            skip = len(data) - len(self._acks)
         else:
+            skip = -len(self._acks)
             self._acks += data
-        while len(self._acks) >= ACK_SIZE and self.ready.is_set():
-            magic, typ, seq, _crc = struct.unpack(">IIQI",
-                                                  self._acks[:ACK_SIZE])
-            del self._acks[:ACK_SIZE]
+        pos = 0
+        while len(self._acks) - pos >= ACK_SIZE:
+            magic, typ, seq, _crc = struct.unpack_from(">IIQI", self._acks,
+                                                       pos)
             if magic == ACK_MAGIC:
                 self.acks.append((typ, seq))
-        self._send(self._up, data)
+                if typ == self._hold and at is None:
+                    self._hold = None
+                    at = max(0, skip + pos)
+                    self.on_event(f"held commit {seq}")
+            pos += ACK_SIZE
+        del self._acks[:pos]
+        return at
 
     # -- sender -> receiver: frames ---------------------------------------
 
@@ -567,6 +639,9 @@ class CurlingProxy:
             return
         self.frame_bytes += len(out)
         self._send(self._down, bytes(out))
+        if self._notified is not None and not self.closed.is_set():
+            self.on_event(f"forwarded checkpoint {self._notified}")
+            self._notified = None
 
     def _new_frame(self, out: bytearray) -> bool:
         """A frame header is whole in ``self._hdr``: record it, apply any
@@ -675,6 +750,9 @@ class CurlingProxy:
         if (self._frame.type == CHECKPOINT and not self._garbage and
                 self._flip is None and self._held is None):
             self.last_checkpoint = self._frame.sequence
+            if self._notify:
+                self._notify = False
+                self._notified = self._frame.sequence
         self._frame = None
         self._held = None
         self._pos = 0
@@ -699,7 +777,29 @@ def main(argv: list[str]) -> int:
                         format="%(asctime)s %(message)s")
     proxy = CurlingProxy(int(argv[0]), port=int(argv[1]) if argv[1:] else 0,
                          name="link")
+    printing = threading.Lock()
+
+    def say(event: str) -> None:
+        proxy.log.info("link: %s", event)
+        with printing:
+            print(event, flush=True)
+
+    def commands() -> None:
+        for line in sys.stdin:
+            words = line.split()
+            proxy.log.info("link: command %s", words)
+            if words[:1] == ["hold"] and len(words) == 2:
+                proxy.hold(words[1])
+            elif words == ["release"]:
+                proxy.release()
+            elif words == ["notify", "checkpoint"]:
+                proxy.notify_checkpoint()
+            else:
+                proxy.log.error("link: unknown command %r", line)
+
+    proxy.on_event = say
     print(proxy.port, flush=True)
+    threading.Thread(target=commands, daemon=True).start()
     proxy.start()
     try:
         while not proxy.closed.wait(0.5):

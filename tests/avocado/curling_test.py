@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Iterable, Optional
 
@@ -722,7 +723,7 @@ class CurlingTest(avocado.Test):
             args = self.netlab().wrap(args)
         n = sum(1 for _ in self.logdir_path.glob("link-*.log")) + 1
         with open(self.logdir_path / f"link-{n}.log", "ab") as err:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(args, stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=err,
                                     preexec_fn=die_with_parent)
         self._procs.append(proc)
@@ -737,16 +738,20 @@ class CurlingTest(avocado.Test):
 
     def launch_side(self, name: str, net: bool, cpu: int,
                     incoming: Optional[str] = None,
-                    agent: bool = True) -> VM:
+                    agent: bool = True, append: str = "",
+                    extra_args: Iterable[str] = ()) -> VM:
         """One side of a pair, pinned to host CPU ``cpu``: its guest serves
         on the lab's network with ``net``, it has a monitor for its agent
-        with ``agent``; curling-timeout MANAGED_TIMEOUT_MS."""
+        with ``agent``; curling-timeout MANAGED_TIMEOUT_MS.  ``append``
+        adds to the guest's command line, ``extra_args`` to QEMU's."""
         extra = self.agent_monitor_args(name) if agent else []
         if net:
             extra = self.nic_args(name) + extra
+        extra += list(extra_args)
         cpus = sorted(os.sched_getaffinity(0))
+        base = self.NET_APPEND if net else PAIR_APPEND
         vm = self.launch_vm(name, incoming=incoming,
-                            append=self.NET_APPEND if net else PAIR_APPEND,
+                            append=f"{base} {append}".strip(),
                             extra_args=extra,
                             cpu_affinity={cpus[cpu % len(cpus)]},
                             netns=net)
@@ -950,11 +955,18 @@ class AgentProc:
         return agent.decisions(self.log)
 
 
-@dataclasses.dataclass
 class Link:
-    """A proxy process between a sender and its receiver."""
-    proc: subprocess.Popen
-    port: int
+    """A proxy process between a sender and its receiver (see
+    curling_proxy.py): SIGSTOP partitions it; it holds acknowledgements
+    and reports protocol moments on command."""
+
+    def __init__(self, proc: subprocess.Popen, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self._events: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     @property
     def uri(self) -> str:
@@ -966,6 +978,36 @@ class Link:
 
     def heal(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
+
+    def command(self, line: str) -> bool:
+        """Send a command; False if the link is gone."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(f"{line}\n".encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            return False
+        return True
+
+    def wait_event(self, prefix: str, timeout: float) -> str:
+        """The first event starting with ``prefix`` (consumed)."""
+        with self._cond:
+            found = self._cond.wait_for(
+                lambda: any(e.startswith(prefix) for e in self._events),
+                timeout)
+            if not found:
+                raise AssertionError(f"the link did not report {prefix!r} "
+                                     f"within {timeout:g} s")
+            event = next(e for e in self._events if e.startswith(prefix))
+            self._events.remove(event)
+            return event
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            with self._cond:
+                self._events.append(raw.decode(errors="replace").strip())
+                self._cond.notify_all()
 
 
 def uri_port(uri: str) -> int:
