@@ -46,6 +46,8 @@ from .witness import Witness, WitnessError
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY = 0.2
+#: Seconds the agent waits for an event before it looks for new work.
+WAKE = 0.5
 CONNECT_TIMEOUT = 30.0
 
 #: query-curling statuses of a protection under way.
@@ -152,6 +154,9 @@ class AgentConfig:
     me: str                        # this agent's id: the holder it writes
     role: Role                     # its QEMU's side when it starts
     peer: Optional[str] = None     # receiver: the id of the sender agent
+    #: receiver: the ids of the agents that may protect to it, if several
+    #: may (instead of ``peer``)
+    peers: tuple[str, ...] = ()
     protect: Optional[str] = None  # sender: migrate URI to protect to
     standby: Optional[str] = None  # receiver: protect again to this URI
     #: id of its QEMU's client TLS credentials, set as tls-creds before
@@ -163,16 +168,17 @@ class AgentConfig:
         try:
             term_key(self.vm)
             check_id(self.me)
-            if self.peer is not None:
-                check_id(self.peer, "peer id")
+            for peer in (self.peer, *self.peers):
+                if peer is not None:
+                    check_id(peer, "peer id")
         except ArbiterError as exc:
             raise AgentError(str(exc)) from None
         if self.role not in ROLES:
             raise AgentError(f"role {self.role!r}: sender or receiver")
-        if self.role == "receiver" and not self.peer:
+        if self.role == "receiver" and not (self.peer or self.peers):
             raise AgentError("a receiver agent needs the id of its sender "
                              "(--peer)")
-        if self.peer == self.me:
+        if self.me in (self.peer, *self.peers):
             raise AgentError(f"peer and agent have the same id {self.me!r}")
         if self.protect and self.role != "sender":
             raise AgentError("only a sender agent protects (--protect)")
@@ -271,26 +277,35 @@ class Agent:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            step = self._step
-            if step is not None and loop.time() >= self._due:
-                done = await step()
-                if self._step is step:
-                    if done:
-                        self._schedule(None)
-                    else:
-                        self._due = loop.time() + self.config.retry
-                continue
-            timeout = (None if step is None
-                       else max(0.0, self._due - loop.time()))
-            try:
-                event = await asyncio.wait_for(self.monitor.next_event(),
-                                               timeout)
-            except asyncio.TimeoutError:
-                continue
-            if event is None:
-                return
-            self._on_event(event)
+        # The wait for the next event outlives a timeout: cancelling it
+        # could lose the event it was taking.
+        waiting: Optional[asyncio.Future[Optional[dict[str, Any]]]] = None
+        try:
+            while True:
+                step = self._step
+                if step is not None and loop.time() >= self._due:
+                    done = await step()
+                    if self._step is step:
+                        if done:
+                            self._schedule(None)
+                        else:
+                            self._due = loop.time() + self.config.retry
+                    continue
+                # Work scheduled from outside (protect()) waits at most WAKE
+                timeout = (WAKE if step is None
+                           else max(0.0, self._due - loop.time()))
+                if waiting is None:
+                    waiting = asyncio.ensure_future(self.monitor.next_event())
+                await asyncio.wait({waiting}, timeout=timeout)
+                if not waiting.done():
+                    continue
+                event, waiting = waiting.result(), None
+                if event is None:
+                    return
+                self._on_event(event)
+        finally:
+            if waiting is not None:
+                waiting.cancel()
 
     def _on_event(self, event: dict[str, Any]) -> None:
         name = event.get("event")
@@ -348,8 +363,14 @@ class Agent:
         """Learn the term of the protection under way from the witness."""
         if self.expected is not None:
             return True
-        holder = self.config.peer if self.role == "receiver" else self.config.me
-        assert holder is not None
+        holder: str | tuple[str, ...]
+        if self.role == "sender":
+            holder = self.config.me
+        elif self.config.peers:
+            holder = self.config.peers
+        else:
+            assert self.config.peer is not None
+            holder = self.config.peer
         try:
             current = await self._read()
         except WitnessError as exc:
@@ -430,6 +451,16 @@ class Agent:
             await self._qmp("curling-continue")
         self.expected = None
         return True
+
+    def protect(self, uri: str) -> None:
+        """Claim the next term and protect to ``uri`` (tried again while the
+        witness does not answer)."""
+        self._schedule(lambda: self._claim(uri))
+
+    @property
+    def busy(self) -> bool:
+        """Work pending: a claim, a decision, learning the term."""
+        return self._step is not None
 
     def _failed_over(self) -> None:
         if self._awaiting_failover:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 from . import CurlingError
 
@@ -107,19 +107,23 @@ def claim_for_protect(current: Optional[str], me: str) -> str:
     return str(term.next(me))
 
 
-def learn_expected(current: Optional[str], holder: str) -> str:
+def learn_expected(current: Optional[str],
+                   holder: str | Sequence[str]) -> str:
     """Check the term a side read while protecting; return it as expected.
 
     ``holder`` is the side that must have claimed it: the sender peer for
-    a receiver, the side itself for a sender.
+    a receiver, the side itself for a sender; or the sides that may have
+    (a receiver of a guest that several hosts may run).
     """
+    holders = (holder,) if isinstance(holder, str) else tuple(holder)
+    names = " or ".join(holders)
     if current is None:
-        raise ArbiterError(f"no term record: {holder} did not claim one "
+        raise ArbiterError(f"no term record: {names} did not claim one "
                            "before protecting")
     term = parse_term(current)
-    if term.holder != holder:
+    if term.holder not in holders:
         raise HeldElsewhere(f"term {term} is held by {term.holder}, not by "
-                            f"{holder}: another host holds this VM")
+                            f"{names}: another host holds this VM")
     return str(term)
 
 

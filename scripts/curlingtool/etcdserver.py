@@ -16,6 +16,10 @@ binary: Debian package etcd-server). ``stop()`` kills it; ``start()``
 again brings it back on the same ports and data. Leaving the ``with``
 block, by return or exception, kills it; so does the end of the Python
 process, and etcd also dies with its parent.
+
+``wrap`` runs etcd, and the probe of its health, through a command
+prefix: ``NetLab.wrap`` puts it on the loopback of a network namespace,
+for clients that run there.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from . import CurlingError
 from .vm import die_with_parent, free_tcp_port
@@ -52,8 +57,11 @@ class EtcdServer:
     """One single-member etcd cluster on loopback (see the module doc)."""
 
     def __init__(self, workdir: os.PathLike[str] | str, binary: str = "etcd",
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0,
+                 wrap: Optional[Callable[[Sequence[str]], list[str]]] = None
+                 ) -> None:
         self.workdir = pathlib.Path(workdir)
+        self.wrap = wrap
         self.binary = binary
         self.timeout = timeout
         self.data_dir = self.workdir / "etcd-data"
@@ -93,8 +101,11 @@ class EtcdServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log.info("etcd: starting on %s (data %s)", self.url, self.data_dir)
         with self.log_path.open("ab") as out:
+            args = self.args(executable)
+            if self.wrap is not None:
+                args = self.wrap(args)
             self._proc = subprocess.Popen(
-                self.args(executable), stdin=subprocess.DEVNULL, stdout=out,
+                args, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         _SERVERS.add(self)
         try:
@@ -116,6 +127,18 @@ class EtcdServer:
             time.sleep(0.1)
 
     def _healthy(self) -> bool:
+        if self.wrap is not None:
+            probe = ("import json, sys, urllib.request as u\n"
+                     "o = u.build_opener(u.ProxyHandler({}))\n"
+                     "with o.open(sys.argv[1], timeout=1) as r:\n"
+                     "    sys.exit(json.load(r).get('health') != 'true')\n")
+            try:
+                return subprocess.run(
+                    self.wrap([sys.executable, "-c", probe,
+                               self.url + "/health"]),
+                    capture_output=True, timeout=5).returncode == 0
+            except subprocess.TimeoutExpired:
+                return False
         try:
             with DIRECT.open(self.url + "/health", timeout=1.0) as response:
                 answer = json.load(response)

@@ -109,6 +109,13 @@ class NetLab:
         self.taps.append(tap)
         return tap
 
+    def add_address(self, address: str) -> str:
+        """Another address of the bridge (``address``/PREFIX): one more
+        host on the LAN, for processes that listen on it."""
+        _ip("addr", "add", f"{address}/{PREFIX}", "dev", BRIDGE,
+            netns=self.name)
+        return address
+
     def wrap(self, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside the namespace (same process: ``ip netns
         exec`` execs it)."""

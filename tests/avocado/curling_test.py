@@ -674,16 +674,18 @@ class CurlingTest(avocado.Test):
 
     # -- managed protection: witnesses, agents, links ----------------------
 
-    def witness(self, kind: str) -> str:
+    def witness(self, kind: str, netns: bool = False) -> str:
         """A witness for this test's agents, as their ``--witness``: for
         ``etcd`` a throw-away etcd on 127.0.0.1 (``self.etcd``, stopped in
-        tearDown), for ``file`` a lock-file directory."""
+        tearDown; with ``netns``, on the loopback of the lab's namespace),
+        for ``file`` a lock-file directory."""
         assert self._tmpdir is not None
         if kind == "file":
             directory = self._tmpdir / "witness"
             directory.mkdir(exist_ok=True)
             return f"file:{directory}"
-        server = EtcdServer(self._tmpdir / "etcd")
+        server = EtcdServer(self._tmpdir / "etcd",
+                            wrap=self.netlab().wrap if netns else None)
         self._cleanups.append(server.stop)
         try:
             server.start()
