@@ -145,3 +145,12 @@ def test_load_names_a_missing_file(tmp_path: Path) -> None:
         description.load(tmp_path / "web.toml")
     (tmp_path / "web.toml").write_text(GOOD)
     assert description.load(tmp_path / "web.toml").guest.name == "web"
+
+
+def test_the_readme_example_is_valid() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("    # /etc/curling/web.toml")
+    end = readme.index("    # on every host", start)
+    text = "\n".join(line[4:] for line in readme[start:end].splitlines()[1:])
+    d = description.parse(text, "README.md")
+    assert d.guest.name == "web" and [h.id for h in d.hosts] == ["A", "B"]
