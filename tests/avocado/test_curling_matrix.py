@@ -131,6 +131,25 @@ SYSRQ_POWEROFF = [{"type": "qcode", "data": key}
                   for key in ("alt", "sysrq", "o")]
 
 
+#: The fault table's words for each fault (docs/curling.txt).
+FAULT_NAMES = {
+    "kill-sender": "kill -9 of the sender",
+    "kill-receiver": "kill -9 of the receiver",
+    "kill-agent": "kill -9 of an agent",
+    "stop-sender": "SIGSTOP of the sender, 2-3 s",
+    "stop-receiver": "SIGSTOP of the receiver, 2-3 s",
+    "freeze-link": "link frozen, 2-3 s",
+    "cut-link": "link cut",
+    "cancel": "``migrate_cancel``",
+    "quit": "``quit`` on the sender",
+    "power-off": "the guest powers off",
+    "oom": "the sender out of memory",
+    "disk-error": "receiver's image fails a write",
+    "settings": "a setting typed on one side",
+    "witness-down": "witness down, 2-3 s",
+}
+
+
 @dataclasses.dataclass
 class Cell:
     fault: str
@@ -555,9 +574,17 @@ class CurlingMatrix(CurlingTest):
                 break
             time.sleep(0.5)
             runners = [s for s in (sender, receiver) if self.runs_guest(s)]
+        if len(runners) == 2:
+            # One of them may hold all its output (peer-lost: its agent
+            # is gone, or waits for the witness): nobody sees it
+            visible = [s for s in runners if self.guest_state(s)[1]]
+            if len(visible) == 1:
+                runners = visible
         if len(runners) == 1:
             outcome = ("sender" if runners[0] is sender
                        else "receiver") + " runs"
+            if runners[0] is receiver and self.runs_guest(sender):
+                outcome += " (the sender's copy holds its output)"
         else:
             outcome = "two copies run" if runners else "none runs"
         states = (f"sender {self.side_status(sender)}, receiver "
@@ -646,6 +673,7 @@ class CurlingMatrix(CurlingTest):
                           time.monotonic() - t0)
         table = self.table(seed, results)
         (self.logdir_path / "matrix.txt").write_text(table)
+        (self.logdir_path / "matrix.rst").write_text(summary(seed, results))
         self.log.info("fault matrix (seed %d):\n%s", seed, table)
         failed = [r for r in results if not r.ok]
         self.assertEqual(failed, [], f"{len(failed)} of {len(results)} "
@@ -661,3 +689,41 @@ class CurlingMatrix(CurlingTest):
                 verdict = "ok (two copies: the automatic mode's partition)"
             lines.append(f"{str(r.cell):<{width}}  {r.outcome}: {verdict}")
         return "\n".join(lines) + "\n"
+
+
+def summary(seed: int, results: list[Result]) -> str:
+    """The outcomes by fault and mode, as docs/curling.txt's table: how
+    many cells ended with the sender running, the receiver, none or two
+    (bold: the automatic mode's partition), and any failed cell."""
+    def outcome(r: Result) -> str:
+        if not r.ok:
+            return "FAILED"
+        first = r.outcome.split()[0]
+        return {"two": "**two**"}.get(first, first)
+
+    rows: list[tuple[str, ...]] = [("Fault", "Automatic mode",
+                                    "Managed mode")]
+    for fault in FAULTS:
+        cols = []
+        for mode in MODES:
+            if fault in MANAGED_ONLY and mode == "automatic":
+                cols.append("(managed mode only)")
+                continue
+            counts: dict[str, int] = {}
+            for r in results:
+                if r.cell.fault == fault and r.cell.mode == mode:
+                    counts[outcome(r)] = counts.get(outcome(r), 0) + 1
+            cols.append(", ".join(f"{k} {v}" for k, v in sorted(
+                counts.items(), key=lambda kv: -kv[1])) or "(not drawn)")
+        rows.append((FAULT_NAMES[fault], *cols))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    rule = "  ".join("=" * w for w in widths)
+    lines = [rule, "  ".join(c.ljust(w) for c, w in zip(rows[0], widths)),
+             rule]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+              for row in rows[1:]]
+    lines.append(rule)
+    moments = ", ".join(f"{m} {sum(r.cell.moment == m for r in results)}"
+                        for m in MOMENTS)
+    return (f"{len(results)} cells, seed {seed}; moments: {moments}\n\n" +
+            "\n".join(lines) + "\n")
