@@ -56,6 +56,9 @@ TICK = 1.0
 #: round of the other hosts that all refused, up to RETRY_MAX.
 RETRY = 3.0
 RETRY_MAX = 30.0
+#: Seconds a report on the witness stays news: a receiver that reported
+#: it waits within that time is tried without the back-off.
+FRESH = 10.0
 #: Seconds a receiver waits, after ``down``, for its sender to end
 #: protection before it quits anyway.
 DOWN_WAIT = 10.0
@@ -400,12 +403,28 @@ class Service:
             self._next = 0
             self._failures = 0
 
+    def _waiting(self) -> list[Host]:
+        """The other hosts whose receiver reported lately that it waits."""
+        hosts = []
+        for host in self._candidates:
+            text = self.witness.read(host_key(self.guest, host.id))
+            r = Report.from_json(text) if text else None
+            if (r is not None and self.clock() - r.time < FRESH and
+                    r.role in ("receiver", "none") and not r.running and
+                    r.status in ("none", "setup")):
+                hosts.append(host)
+        return hosts
+
     async def _protect_next(self, status: str) -> None:
-        """The guest runs here unprotected: protect it to the next host."""
+        """The guest runs here unprotected: protect it to the next host,
+        first to one whose receiver said it waits."""
         assert self.agent is not None
+        if self.agent.busy or self.clock() < self._tried_at + RETRY:
+            return
         rounds = self._failures // len(self._candidates)
         delay = min(RETRY * 2 ** rounds, RETRY_MAX)
-        if self.agent.busy or self.clock() < self._tried_at + delay:
+        waiting = await asyncio.to_thread(self._waiting)
+        if not waiting and self.clock() < self._tried_at + delay:
             return
         term = await asyncio.to_thread(self.witness.read,
                                        term_key(self.guest))
@@ -424,7 +443,10 @@ class Service:
                      f"({status})")
             self._protected_by = None
             self._next = 0
-        target = self._candidates[self._next]
+        order = (self._candidates[self._next:] +
+                 self._candidates[:self._next])
+        target = next((h for h in order if h in waiting), order[0])
+        self._next = self._candidates.index(target)
         self._trying = target
         self._tried_at = self.clock()
         if self.host.tls:

@@ -152,6 +152,31 @@ def test_protects_to_the_next_host_in_turn() -> None:
     assert report is not None and report.status == "error"
 
 
+def test_a_waiting_receiver_goes_first() -> None:
+    w = MemoryWitness()
+    s, mon, agent, clock = make("A", w)
+    tick(s)
+    mon.curling["status"] = "error"
+    # B and C refused for a while: the back-off grows ...
+    for _ in range(4):
+        clock.now += 30
+        tick(s)
+    assert len(agent.protected) == 5
+    clock.now += service.RETRY
+    tick(s)
+    assert len(agent.protected) == 5
+    # ... but C says it waits: tried at once, before B
+    w.compare_and_swap(service.host_key("web", "C"), None, Report(
+        "C", "receiver", "setup", False, 0, None, clock.now).to_json())
+    tick(s)
+    assert agent.protected[-1] == "curling:tcp:10.0.0.3:4444"
+    # an old report is no news
+    s2, mon2, agent2, clock2 = make("A", w)
+    clock2.now = clock.now + service.FRESH
+    tick(s2)
+    assert agent2.protected == ["curling:tcp:10.0.0.2:4444"]
+
+
 def test_a_host_without_the_term_does_not_protect() -> None:
     w = MemoryWitness({term_key("web"): "5:B"})
     s, mon, agent, clock = make("A", w)
