@@ -46,6 +46,7 @@ from .agent import (PROTECTION_UNDER_WAY, Agent, AgentConfig, AgentError,
                     CommandFailed, MonitorClosed, QMPMonitor)
 from .arbiter import ArbiterError, Role, parse_term, term_key
 from .description import Description, Host
+from .vm import die_with_parent
 from .witness import Witness, WitnessError
 
 log = logging.getLogger(__name__)
@@ -279,14 +280,18 @@ class Service:
         self.say(f"start-{self.role}", why)
         rd = run_dir(self.desc, self.host)
         rd.mkdir(parents=True, exist_ok=True)
+        self._check_no_qemu(rd)
         for sock in ("up.qmp", "qmp"):
             with contextlib.suppress(FileNotFoundError):
                 (rd / sock).unlink()
         args = qemu_args(self.desc, self.host, self.role, self.qemu)
         with open(rd / "qemu.log", "ab") as out:
+            # Its QEMU dies with it: an up started again must never find
+            # the guest still running here and start a second copy.
             self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=out,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=die_with_parent)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -306,6 +311,18 @@ class Service:
         finally:
             await self._end()
         return code
+
+    def _check_no_qemu(self, rd: pathlib.Path) -> None:
+        """Refuse to start while the QEMU an earlier ``up`` started here
+        still runs (its pid file names a live QEMU)."""
+        try:
+            pid = int((rd / "qemu.pid").read_text().split()[0])
+            cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            return
+        if f"{self.guest},debug-threads=on".encode() in cmdline:
+            raise ServiceError(f"a QEMU of {self.guest} still runs on this "
+                               f"host (pid {pid}): stop it first")
 
     async def _witness(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on the witness, retried while it does not answer."""

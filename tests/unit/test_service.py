@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from typing import Any, Optional
 
 import pytest
@@ -257,3 +260,21 @@ def test_status_lines() -> None:
         is False
     assert service.status_lines(DESC, MemoryWitness())[0] == \
         "guest web: never run (no term on the witness)"
+
+
+def test_refuses_to_start_beside_a_live_qemu(tmp_path: Any) -> None:
+    s = Service(DESC, "A", MemoryWitness(), "/q")
+    s._check_no_qemu(tmp_path)                  # no pid file
+    (tmp_path / "qemu.pid").write_text(f"{os.getpid()}\n")
+    s._check_no_qemu(tmp_path)                  # not a QEMU of web
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import time; time.sleep(30)", "web,debug-"
+                             "threads=on"])
+    try:
+        (tmp_path / "qemu.pid").write_text(f"{proc.pid}\n")
+        with pytest.raises(ServiceError, match=f"a QEMU of web still runs "
+                           f"on this host \\(pid {proc.pid}\\)"):
+            s._check_no_qemu(tmp_path)
+    finally:
+        proc.kill()
+        proc.wait()
