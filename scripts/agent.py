@@ -30,7 +30,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-from curlingtool import CurlingError  # noqa: E402
+from curlingtool import CurlingError, setup_logging  # noqa: E402
 from curlingtool.agent import DEFAULT_RETRY, AgentConfig, serve  # noqa: E402
 from curlingtool.witness import open_witness  # noqa: E402
 
@@ -77,16 +77,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not args.retry > 0:
         p.error("--retry must be positive")
     return args
-
-
-def setup_logging(logfile: str | None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if logfile:
-        handlers.append(logging.FileHandler(logfile))
-    logging.basicConfig(level=logging.INFO, handlers=handlers,
-                        format="%(asctime)s %(message)s")
-    # the QMP library logs every failed connection try as an error
-    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 def main(argv: list[str]) -> int:

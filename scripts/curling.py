@@ -31,7 +31,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-from curlingtool import CurlingError  # noqa: E402
+from curlingtool import CurlingError, setup_logging  # noqa: E402
 from curlingtool import description, service  # noqa: E402
 from curlingtool.witness import open_witness  # noqa: E402
 
@@ -56,15 +56,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "this checkout's build)")
             cmd.add_argument("--log", metavar="FILE", help="log to FILE too")
     return p.parse_args(argv)
-
-
-def setup_logging(logfile: str | None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if logfile:
-        handlers.append(logging.FileHandler(logfile))
-    logging.basicConfig(level=logging.INFO, handlers=handlers,
-                        format="%(asctime)s %(message)s")
-    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
