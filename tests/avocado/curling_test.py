@@ -431,6 +431,21 @@ class CurlingTest(avocado.Test):
                 f.write(os.urandom(1024 ** 2))
         return path
 
+    @staticmethod
+    def failing_drive_args(image: pathlib.Path, drive: str = "disk0",
+                           sector: int = 65536) -> list[str]:
+        """A virtio-blk drive ``drive`` on ``image`` whose data writes at
+        ``sector`` (32 MiB by default) fail with EIO (a blkdebug rule);
+        zero writes there do not."""
+        return ["-drive", f"if=none,id={drive},format=raw,"
+                "file.driver=blkdebug,"
+                f"file.image.filename={image},"
+                "file.inject-error.0.event=write_aio,"
+                "file.inject-error.0.iotype=write,"
+                f"file.inject-error.0.sector={sector},"
+                "file.inject-error.0.errno=5",
+                "-device", f"virtio-blk-pci,drive={drive}"]
+
     def disk_args(self, vm_name: str, drives: Iterable[tuple[str, str]],
                   junk: bool = False, image: Optional[pathlib.Path] = None
                   ) -> list[str]:

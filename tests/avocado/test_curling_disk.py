@@ -349,14 +349,7 @@ class CurlingDisk(CurlingTest):
         mine = self.disk_args("sender", VIRTIO_BLK)
         # Data writes at 32 MiB fail; the first round's zero writes there
         # do not.
-        theirs = [
-            "-drive", "if=none,id=disk0,format=raw,file.driver=blkdebug,"
-                      f"file.image.filename={target},"
-                      "file.inject-error.0.event=write_aio,"
-                      "file.inject-error.0.iotype=write,"
-                      "file.inject-error.0.sector=65536,"
-                      "file.inject-error.0.errno=5",
-            "-device", "virtio-blk-pci,drive=disk0"]
+        theirs = self.failing_drive_args(target)
         sender, receiver, uri = self.launch_pair(
             append=APPEND,
             side_args=lambda n: mine if n == "sender" else theirs)

@@ -467,14 +467,7 @@ class CurlingMatrix(CurlingTest):
         theirs = self.disk_args(f"r{n}", DISK)
         if cell.fault == "disk-error":
             target = self.disk_image(f"r{n}-bad")
-            theirs = [
-                "-drive", "if=none,id=disk0,format=raw,file.driver=blkdebug,"
-                          f"file.image.filename={target},"
-                          "file.inject-error.0.event=write_aio,"
-                          "file.inject-error.0.iotype=write,"
-                          "file.inject-error.0.sector=65536,"
-                          "file.inject-error.0.errno=5",
-                "-device", "virtio-blk-pci,drive=disk0"]
+            theirs = self.failing_drive_args(target)
         sender = Side(self.launch_side(
             f"s{n}", True, 0, agent=managed, append=append,
             extra_args=self.disk_args(f"s{n}", DISK)))

@@ -131,6 +131,13 @@ class CurlingService(CurlingTest):
         self.log.info("up on %s (start %d): pid %d", host.name, host.starts,
                       host.proc.pid)
 
+    def curling(self, command: str, desc: pathlib.Path
+                ) -> subprocess.CompletedProcess[str]:
+        """``curling.py COMMAND DESC`` in the lab's namespace."""
+        return subprocess.run(self.netlab().wrap(
+            [sys.executable, str(CURLING), command, str(desc)]),
+            capture_output=True, text=True, timeout=60)
+
     def up_log(self, host: HostUp) -> str:
         return (self.logdir_path /
                 f"up-{host.name}-{host.starts}.log").read_text()
@@ -243,9 +250,7 @@ class CurlingService(CurlingTest):
         st = client.status()
         self.assertEqual(st.get("errors", []), [], "the client saw errors")
 
-        status = subprocess.run(lab.wrap([sys.executable, str(CURLING),
-                                          "status", str(desc)]),
-                                capture_output=True, text=True, timeout=60)
+        status = self.curling("status", desc)
         self.log.info("curling.py status:\n%s%s", status.stdout,
                       status.stderr)
         self.assertEqual(status.returncode, 0)
@@ -253,9 +258,7 @@ class CurlingService(CurlingTest):
                          r"^guest web: runs on A \(term \d+:A\), protected "
                          r"by C: checkpoint \d+ committed")
 
-        down = subprocess.run(lab.wrap([sys.executable, str(CURLING),
-                                        "down", str(desc)]),
-                              capture_output=True, text=True, timeout=60)
+        down = self.curling("down", desc)
         self.assertEqual(down.returncode, 0, down.stderr)
         self.wait_up_exit(c, 0)
         wait_until(lambda: a.state()[1] == "cancelled", 30,
