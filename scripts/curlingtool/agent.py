@@ -46,8 +46,6 @@ from .witness import Witness, WitnessError
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY = 0.2
-#: Seconds the agent waits for an event before it looks for new work.
-WAKE = 0.5
 CONNECT_TIMEOUT = 30.0
 
 #: query-curling statuses of a protection under way.
@@ -164,21 +162,25 @@ class AgentConfig:
     tls_creds: Optional[str] = None
     retry: float = DEFAULT_RETRY   # seconds between tries of the witness
 
+    @property
+    def senders(self) -> tuple[str, ...]:
+        """receiver: the ids that may hold the term it learns."""
+        return self.peers or ((self.peer,) if self.peer else ())
+
     def __post_init__(self) -> None:
         try:
             term_key(self.vm)
             check_id(self.me)
-            for peer in (self.peer, *self.peers):
-                if peer is not None:
-                    check_id(peer, "peer id")
+            for peer in self.senders:
+                check_id(peer, "peer id")
         except ArbiterError as exc:
             raise AgentError(str(exc)) from None
         if self.role not in ROLES:
             raise AgentError(f"role {self.role!r}: sender or receiver")
-        if self.role == "receiver" and not (self.peer or self.peers):
+        if self.role == "receiver" and not self.senders:
             raise AgentError("a receiver agent needs the id of its sender "
                              "(--peer)")
-        if self.me in (self.peer, *self.peers):
+        if self.me in self.senders:
             raise AgentError(f"peer and agent have the same id {self.me!r}")
         if self.protect and self.role != "sender":
             raise AgentError("only a sender agent protects (--protect)")
@@ -209,6 +211,7 @@ class Agent:
         self._due = 0.0                     # ... not before this loop time
         self._said: set[str] = set()        # ... and its retries' lines
         self._awaiting_failover = False
+        self._wake = asyncio.Event()        # work was scheduled
 
     # -- log -------------------------------------------------------------
 
@@ -244,6 +247,8 @@ class Agent:
         self._step = step
         self._due = 0.0
         self._said = set()
+        if step is not None:
+            self._wake.set()
 
     async def run(self) -> None:
         """Serve until QEMU goes away; AgentError when it cannot."""
@@ -291,12 +296,17 @@ class Agent:
                         else:
                             self._due = loop.time() + self.config.retry
                     continue
-                # Work scheduled from outside (protect()) waits at most WAKE
-                timeout = (WAKE if step is None
+                timeout = (None if step is None
                            else max(0.0, self._due - loop.time()))
                 if waiting is None:
                     waiting = asyncio.ensure_future(self.monitor.next_event())
-                await asyncio.wait({waiting}, timeout=timeout)
+                # Work scheduled from outside (protect()) wakes the wait
+                self._wake.clear()
+                wake = asyncio.ensure_future(self._wake.wait())
+                futures: set[asyncio.Future[Any]] = {waiting, wake}
+                await asyncio.wait(futures, timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                wake.cancel()
                 if not waiting.done():
                     continue
                 event, waiting = waiting.result(), None
@@ -363,14 +373,8 @@ class Agent:
         """Learn the term of the protection under way from the witness."""
         if self.expected is not None:
             return True
-        holder: str | tuple[str, ...]
-        if self.role == "sender":
-            holder = self.config.me
-        elif self.config.peers:
-            holder = self.config.peers
-        else:
-            assert self.config.peer is not None
-            holder = self.config.peer
+        holder = ((self.config.me,) if self.role == "sender"
+                  else self.config.senders)
         try:
             current = await self._read()
         except WitnessError as exc:

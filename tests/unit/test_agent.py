@@ -373,6 +373,23 @@ def test_sender_claims_the_term_before_it_migrates(
         f"(was absent), migrating to {RECEIVER_URI}"]
 
 
+def test_protect_from_outside_wakes_an_idle_agent() -> None:
+    """protect() called while the agent waits for QEMU's next event (none
+    comes) claims and migrates at once."""
+    witness = FlakyWitness()
+
+    async def scenario(agent: Agent, qemu: FakeQemu) -> None:
+        await until(lambda: "query-curling" in qemu.names())
+        await asyncio.sleep(0.05)       # the agent waits for an event
+        agent.protect(RECEIVER_URI)
+        await until(lambda: "migrate" in qemu.names(), timeout=0.2)
+        qemu.go_away()
+
+    _agent, qemu = run(sender_config(), witness, scenario)
+    assert ("migrate", {"uri": RECEIVER_URI}) in qemu.commands
+    assert witness.values.get(KEY) == "1:A"
+
+
 def test_tls_credentials_are_set_before_each_migrate() -> None:
     witness = FlakyWitness({KEY: "1:A"})
 
