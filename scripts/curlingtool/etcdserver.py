@@ -53,6 +53,20 @@ class EtcdFailed(CurlingError):
     """etcd exited or did not become healthy in time."""
 
 
+#: The folder of the tooling package, for a probe run in a namespace.
+_SCRIPTS = pathlib.Path(__file__).resolve().parent.parent
+
+
+def healthy(url: str) -> bool:
+    """Whether the etcd at ``url`` answers /health with true."""
+    try:
+        with DIRECT.open(url + "/health", timeout=1.0) as response:
+            answer = json.load(response)
+    except (OSError, ValueError, urllib.error.URLError):
+        return False
+    return isinstance(answer, dict) and answer.get("health") == "true"
+
+
 class EtcdServer:
     """One single-member etcd cluster on loopback (see the module doc)."""
 
@@ -127,24 +141,18 @@ class EtcdServer:
             time.sleep(0.1)
 
     def _healthy(self) -> bool:
-        if self.wrap is not None:
-            probe = ("import json, sys, urllib.request as u\n"
-                     "o = u.build_opener(u.ProxyHandler({}))\n"
-                     "with o.open(sys.argv[1], timeout=1) as r:\n"
-                     "    sys.exit(json.load(r).get('health') != 'true')\n")
-            try:
-                return subprocess.run(
-                    self.wrap([sys.executable, "-c", probe,
-                               self.url + "/health"]),
-                    capture_output=True, timeout=5).returncode == 0
-            except subprocess.TimeoutExpired:
-                return False
+        if self.wrap is None:
+            return healthy(self.url)
+        # The same check, run where etcd listens
+        probe = (f"import sys; sys.path.insert(0, {str(_SCRIPTS)!r}); "
+                 "from curlingtool.etcdserver import healthy; "
+                 "sys.exit(not healthy(sys.argv[1]))")
         try:
-            with DIRECT.open(self.url + "/health", timeout=1.0) as response:
-                answer = json.load(response)
-        except (OSError, ValueError, urllib.error.URLError):
+            return subprocess.run(
+                self.wrap([sys.executable, "-c", probe, self.url]),
+                capture_output=True, timeout=5).returncode == 0
+        except subprocess.TimeoutExpired:
             return False
-        return isinstance(answer, dict) and answer.get("health") == "true"
 
     def _tail(self, lines: int = 3) -> str:
         try:
