@@ -166,8 +166,8 @@ def write(witness: Witness, key: str, value: str, tries: int = 5) -> None:
     raise WitnessError(f"{key}: changed {tries} times while writing it")
 
 
-def read_service(witness: Witness, guest: str) -> dict[str, Any]:
-    text = witness.read(service_key(guest))
+def parse_service(text: Optional[str]) -> dict[str, Any]:
+    """The guest's service record (protect flag, fingerprint), or {}."""
     if not text:
         return {}
     try:
@@ -175,6 +175,27 @@ def read_service(witness: Witness, guest: str) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def read_service(witness: Witness, guest: str) -> dict[str, Any]:
+    return parse_service(witness.read(service_key(guest)))
+
+
+def read_report(witness: Witness, guest: str,
+                host_id: str) -> Optional[Report]:
+    """What ``host_id`` last published about its QEMU, if anything."""
+    text = witness.read(host_key(guest, host_id))
+    return Report.from_json(text) if text else None
+
+
+def term_holder(term: Optional[str]) -> Optional[str]:
+    """The holder of a term record; None when absent or malformed."""
+    if term is None:
+        return None
+    try:
+        return parse_term(term).holder
+    except ArbiterError:
+        return None
 
 
 def set_protect(witness: Witness, desc: Description, protect: bool) -> None:
@@ -185,7 +206,7 @@ def set_protect(witness: Witness, desc: Description, protect: bool) -> None:
     mine = desc.fingerprint()
     for _ in range(5):
         text = witness.read(key)
-        current = read_service(witness, desc.guest.name) if text else {}
+        current = parse_service(text)
         theirs = current.get("fingerprint")
         if protect and current.get("protect") and theirs not in (None, mine):
             raise ServiceError(
@@ -274,13 +295,13 @@ class Service:
         """Start this host's QEMU and keep the guest protected; 1 when
         QEMU went away, 0 after SIGTERM or ``down`` on a receiver."""
         self.check()
+        rd = run_dir(self.desc, self.host)
+        self._check_no_qemu(rd)
         term = await self._witness(self.witness.read, term_key(self.guest))
         await self._witness(set_protect, self.witness, self.desc, True)
         self.role, why = start_role(self.desc, self.host, term)
         self.say(f"start-{self.role}", why)
-        rd = run_dir(self.desc, self.host)
         rd.mkdir(parents=True, exist_ok=True)
-        self._check_no_qemu(rd)
         for sock in ("up.qmp", "qmp"):
             with contextlib.suppress(FileNotFoundError):
                 (rd / sock).unlink()
@@ -424,8 +445,7 @@ class Service:
         """The other hosts whose receiver reported lately that it waits."""
         hosts = []
         for host in self._candidates:
-            text = self.witness.read(host_key(self.guest, host.id))
-            r = Report.from_json(text) if text else None
+            r = read_report(self.witness, self.guest, host.id)
             if (r is not None and self.clock() - r.time < FRESH and
                     r.role in ("receiver", "none") and not r.running and
                     r.status in ("none", "setup")):
@@ -445,11 +465,7 @@ class Service:
             return
         term = await asyncio.to_thread(self.witness.read,
                                        term_key(self.guest))
-        try:
-            holder = parse_term(term).holder if term else None
-        except ArbiterError:
-            holder = None
-        if term is not None and holder != self.host.id:
+        if term is not None and term_holder(term) != self.host.id:
             return                      # the agent fences this QEMU
         if self._trying is not None:
             self._failures += 1
@@ -511,14 +527,9 @@ def status_lines(desc: Description, witness: Witness,
     guest = desc.guest.name
     term = witness.read(term_key(guest))
     service = read_service(witness, guest)
-    holder = None
-    if term:
-        with contextlib.suppress(ArbiterError):
-            holder = parse_term(term).holder
-    reports = {}
-    for host in desc.hosts:
-        text = witness.read(host_key(guest, host.id))
-        reports[host.id] = Report.from_json(text) if text else None
+    holder = term_holder(term)
+    reports = {host.id: read_report(witness, guest, host.id)
+               for host in desc.hosts}
     runner = reports.get(holder) if holder else None
     head = f"guest {guest}: "
     if holder is None:
