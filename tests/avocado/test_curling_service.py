@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -145,9 +146,23 @@ class CurlingService(CurlingTest):
     def wait_state(self, host: HostUp, role: str, status: str,
                    running: bool, timeout: float = DEADLINE) -> float:
         """Wait until ``host`` is in that state; returns when it was."""
-        wait_until(lambda: host.state() == (role, status, running), timeout,
-                   f"{host.name} {role} {status}"
-                   f"{' running' if running else ''}", 0.1)
+        return self.wait_state_where(
+            host, lambda st: st == (role, status, running), timeout,
+            f"{host.name} {role} {status}{' running' if running else ''}")
+
+    def wait_took_over(self, host: HostUp, timeout: float = 60) -> float:
+        """Wait until ``host``, a receiver, runs the guest; returns when.
+        Its status reads failed-over only until its up protects the guest
+        again, a moment later: the agent's take-over line says it."""
+        when = self.wait_state_where(host, lambda st: st[2], timeout,
+                                     f"{host.name} to run the guest")
+        self.assertIn("decision=take-over", self.up_log(host),
+                      f"{host.name} runs the guest without taking over")
+        return when
+
+    def wait_state_where(self, host: HostUp, ok: Any, timeout: float,
+                         what: str) -> float:
+        wait_until(lambda: ok(host.state()), timeout, what, 0.1)
         return time.monotonic()
 
     def kill_qemu(self, host: HostUp) -> float:
@@ -220,12 +235,14 @@ class CurlingService(CurlingTest):
                            1)
         self._cleanups.append(client.stop)
         self.wait_client(client, 20)
+        wait_until(lambda: len(parse_ticks(a.console())) >= 2, 60,
+                   "ticks on A", 0.2)
 
         # 1. A's QEMU dies: B takes over, and protects onto A once A's up
         #    is back (C is down)
         marks = {name: len(h.console()) for name, h in hosts.items()}
         killed = self.kill_qemu(a)
-        took = self.wait_state(b, "receiver", "failed-over", True, 60)
+        took = self.wait_took_over(b)
         times["failover to B"] = took - killed
         self.wait_up_exit(a, 1)
         self.check_took_over(a, b, marks)
@@ -239,7 +256,7 @@ class CurlingService(CurlingTest):
         # 2. B's QEMU dies: A takes over; B stays down and C comes up
         marks = {name: len(h.console()) for name, h in hosts.items()}
         killed = self.kill_qemu(b)
-        took = self.wait_state(a, "receiver", "failed-over", True, 60)
+        took = self.wait_took_over(a)
         times["failover to A"] = took - killed
         self.wait_up_exit(b, 1)
         self.check_took_over(b, a, marks)
@@ -250,13 +267,18 @@ class CurlingService(CurlingTest):
         st = client.status()
         self.assertEqual(st.get("errors", []), [], "the client saw errors")
 
-        status = self.curling("status", desc)
-        self.log.info("curling.py status:\n%s%s", status.stdout,
-                      status.stderr)
-        self.assertEqual(status.returncode, 0)
-        self.assertRegex(status.stdout.splitlines()[0],
-                         r"^guest web: runs on A \(term \d+:A\), protected "
-                         r"by C: checkpoint \d+ committed")
+        # Each up reports once a second: status catches up within a few
+        expected = re.compile(r"^guest web: runs on A \(term \d+:A\), "
+                              r"protected by C: checkpoint \d+ committed")
+
+        def status_says() -> bool:
+            status = self.curling("status", desc)
+            self.log.info("curling.py status:\n%s%s", status.stdout,
+                          status.stderr)
+            self.assertEqual(status.returncode, 0)
+            return bool(expected.match(status.stdout))
+        wait_until(status_says, 10, "status to name A running, C "
+                   "protecting", 1.0)
 
         down = self.curling("down", desc)
         self.assertEqual(down.returncode, 0, down.stderr)
