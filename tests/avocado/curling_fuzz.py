@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import fcntl
 import json
 import logging
 import pathlib
@@ -49,6 +50,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -408,6 +410,10 @@ class Fuzzer:
             try:
                 sock.sendall(data)
                 if end == "reset":
+                    # A reset throws away what this side has not sent
+                    # yet: wait until the receiver's kernel has every
+                    # byte, so that the frame is cut where it was meant.
+                    _wait_sent(sock)
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                     struct.pack("ii", 1, 0))
                 if end != "silent":
@@ -543,6 +549,17 @@ def _free_port() -> int:
             if port not in _ports_taken:
                 _ports_taken.add(port)
                 return port
+
+
+def _wait_sent(sock: socket.socket, timeout: float = START_DEADLINE) -> None:
+    """Wait until the peer has acknowledged every byte written to
+    ``sock`` (its send queue, SIOCOUTQ, is empty)."""
+    deadline = time.monotonic() + timeout
+    queued = struct.pack("i", 0)
+    while struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, queued))[0]:
+        if time.monotonic() > deadline:
+            raise FuzzError("the receiver does not read what was sent")
+        time.sleep(0.001)
 
 
 def _wait_listening(port: int, proc: subprocess.Popen) -> socket.socket:
