@@ -28,6 +28,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from curling_test import CurlingTest, NetClient, wait_until
 from curlingtool.netlab import GUEST_MAC
+from curlingtool.tlscerts import Authority
 from curlingtool.vm import (KERNEL_CMDLINE, die_with_parent,
                             parse_diskchecks, parse_ticks)
 
@@ -89,7 +90,11 @@ class CurlingService(CurlingTest):
     :avocado: tags=arch:x86_64,curling,service
     """
 
-    def describe(self, tmp: pathlib.Path, witness: str) -> pathlib.Path:
+    def describe(self, tmp: pathlib.Path, witness: str,
+                 tls: bool = False) -> pathlib.Path:
+        """The guest's description, the hosts A, B and C in it; ``tls``:
+        each host with x509 credentials of its own from one CA (its
+        server certificate naming its address)."""
         assert self.guest is not None
         append = f"{KERNEL_CMDLINE} {self.NET_APPEND} curling.diskcheck=vda"
         lines = [
@@ -107,12 +112,18 @@ class CurlingService(CurlingTest):
             'device = "virtio-net-pci"', f'mac = "{GUEST_MAC}"',
             "", "[protection]", f'witness = "{witness}"', f"port = {PORT}",
             "interval = 100", "timeout = 1000"]
+        ca = Authority.create(tmp / "ca") if tls else None
         for name, address in HOSTS.items():
             image = self.disk_image(f"{name}-disk0")
             lines += ["", f"[hosts.{name}]", f'address = "{address}"',
                       f'drives = {{ disk0 = "{image}" }}',
                       f'nics = {{ net0 = "tap:tap-{name}" }}',
                       f'run = "{tmp / ("run-" + name)}"']
+            if ca is not None:
+                pki = tmp / f"pki-{name}"
+                ca.issue(pki, "server", f"curling-{name}", (address,))
+                ca.issue(pki, "client", f"curling-{name}")
+                lines.append(f'tls = "{pki}"')
         path = tmp / "web.toml"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -221,7 +232,7 @@ class CurlingService(CurlingTest):
             lab.add_address(address)
             lab.add_tap(f"tap-{name}")
         witness = self.witness("etcd", netns=True)
-        desc = self.describe(self._tmpdir, witness)
+        desc = self.describe(self._tmpdir, witness, tls=True)
         hosts = {name: HostUp(name, self._tmpdir / f"run-{name}" / "web")
                  for name in HOSTS}
         a, b, c = hosts["A"], hosts["B"], hosts["C"]
@@ -231,6 +242,11 @@ class CurlingService(CurlingTest):
         self.start_up(b, desc)
         self.wait_state(a, "sender", "protecting", True)
         self.wait_state(b, "receiver", "protecting", False, 30)
+        # Over TLS, each side with the credentials of its description
+        for host, creds in ((a, "curling-tls-client"),
+                            (b, "curling-tls-server")):
+            self.assertEqual(host.qmp("query-migrate-parameters")
+                             .get("tls-creds"), creds)
         client = NetClient(lab, "stream", self.logdir_path / "client.json",
                            1)
         self._cleanups.append(client.stop)
@@ -327,4 +343,15 @@ class CurlingService(CurlingTest):
                              timeout=60)
         self.assertEqual(res.returncode, 1)
         self.assertIn(f"hosts.A.drives.disk0: {missing} does not exist",
+                      res.stderr)
+        # TLS credentials without the server's certificate
+        pki = self._tmpdir / "pki-A"
+        Authority.create(self._tmpdir / "ca").issue(pki, "client", "A")
+        desc.write_text(good.replace('[hosts.B]',
+                                     f'tls = "{pki}"\n\n[hosts.B]'))
+        res = subprocess.run([sys.executable, str(CURLING), "up", str(desc),
+                              "--host", "A"], capture_output=True, text=True,
+                             timeout=60)
+        self.assertEqual(res.returncode, 1)
+        self.assertIn(f"{desc}: hosts.A.tls: {pki} has no server-cert.pem",
                       res.stderr)
