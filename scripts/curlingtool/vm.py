@@ -420,18 +420,20 @@ class VM:
         return wait_until(found, timeout, f"{count} ticks on {self.name}", 0.2)
 
 
-
 def guest_args(qemu: os.PathLike[str] | str, guest: GuestImage, name: str, *,
                accel: str, console: pathlib.Path, qmp_path: pathlib.Path,
                incoming: Optional[str] = None, mem: str = "256M",
                machine: str = "pc",
                append: str = "curling.mode=dirty curling.rate=1",
                extra_args: Iterable[str] = (),
-               smp: int = 1, defaults: bool = False) -> list[str]:
+               smp: int = 1, defaults: bool = False,
+               console_chardev: Optional[str] = None) -> list[str]:
     """Command line of a QEMU running the test guest.
 
-    The serial console goes to the file ``console``, QMP listens on the
-    unix socket ``qmp_path``. A migration's two sides must have the same
+    The serial console goes to the file ``console`` (or to the chardev
+    ``console_chardev``, e.g. ``socket,host=...,server=on,wait=off``,
+    with ``console`` as its log file), QMP listens on the unix socket
+    ``qmp_path``. A migration's two sides must have the same
     arguments but ``incoming``. The machine has ``smp`` vCPUs and no
     device but the serial port unless ``defaults`` keeps the machine's
     default devices (VGA, NIC, CD-ROM, parallel port...: no
@@ -454,7 +456,9 @@ def guest_args(qemu: os.PathLike[str] | str, guest: GuestImage, name: str, *,
         "-kernel", str(guest.kernel),
         "-initrd", str(guest.initrd),
         "-append", f"{KERNEL_CMDLINE} {append}".strip(),
-        "-chardev", f"file,id=serial0,path={console}",
+        "-chardev", (f"{console_chardev},id=serial0,logfile={console}"
+                     if console_chardev else
+                     f"file,id=serial0,path={console}"),
         "-serial", "chardev:serial0",
         "-chardev", f"socket,id=qmp,path={qmp_path},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",

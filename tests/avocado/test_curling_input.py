@@ -28,7 +28,7 @@ from qemu.qmp import ExecuteError
 from curling_proxy import (CHECKPOINT, HEARTBEAT, break_device_section,
                            break_ram_record)
 from curling_test import (VM, CurlingTest, VMDied, curling_info,
-                          free_tcp_port, uri_port, wait_until)
+                          free_tcp_port, held_ticks, uri_port, wait_until)
 
 #: Seconds from QEMU start to a ticking guest.
 BOOT_DEADLINE = 120.0
@@ -146,7 +146,7 @@ class CurlingInputBase(CurlingTest):
         # connection as a lost sender fails over by then.
         time.sleep(2 * rinfo["timeout"] / 1000 + 1)
         self.assertEqual(self.failovers(receiver), [],
-                        f"the receiver failed over after a {how} frame")
+                         f"the receiver failed over after a {how} frame")
         self.assertEqual(curling_info(receiver)["status"], "error")
         self.assertNotEqual(receiver.qmp("query-status")["status"], "running",
                             "the receiver runs its guest")
@@ -167,7 +167,8 @@ class CurlingInputBase(CurlingTest):
         mark = receiver.console_mark()
         receiver.qmp("cont")
         self.assertEqual(receiver.qmp("query-status")["status"], "running")
-        self.assert_resumed(receiver, mark, before.n + 1, at_spoil.n + 2,
+        self.assert_resumed(receiver, mark, before.n + 1,
+                            at_spoil.n + 2 + held_ticks(rinfo["interval"]),
                             f"cont after a {how} checkpoint")
         self.assertEqual(self.failovers(receiver), [])
 
@@ -411,7 +412,8 @@ class CurlingInput(CurlingInputBase):
             event["data"]["sequence"], result["committed"],
             f"{label}: the receiver did not fail over from the last "
             f"checkpoint it received whole")
-        self.assert_resumed(receiver, mark, before.n + 1, at_cut.n + 2,
+        self.assert_resumed(receiver, mark, before.n + 1,
+                            at_cut.n + 2 + held_ticks(interval),
                             label)
         self.assertEqual(receiver.qmp("query-status")["status"], "running")
         rinfo = curling_info(receiver)

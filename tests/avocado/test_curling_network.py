@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import socket
+import threading
 import time
 
 from qemu.qmp import ExecuteError
@@ -21,11 +24,56 @@ from qemu.qmp import ExecuteError
 from curling_test import (GUEST_MAC, VM, CurlingTest, NetClient,
                           WaitTimeout, curling_info, free_tcp_port,
                           netdev_args, wait_until)
+from curlingtool.vm import parse_ticks
 
 #: Seconds from QEMU start to a guest that serves.
 BOOT_DEADLINE = 120.0
 #: Items a client must receive to count a service as flowing.
 FLOWING = 30
+
+
+class ConsoleReader:
+    """A client of a chardev socket that reads everything it is sent."""
+
+    def __init__(self, port: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.create_connection(("127.0.0.1", port),
+                                                     timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.sock.settimeout(0.2)
+        self._data = bytearray()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not chunk:
+                return
+            with self._lock:
+                self._data += chunk
+
+    def text(self) -> str:
+        with self._lock:
+            return self._data.decode(errors="replace").replace("\r", "")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
 
 
 class CurlingNetwork(CurlingTest):
@@ -245,3 +293,51 @@ class CurlingNetwork(CurlingTest):
             vhost.qmp("migrate", uri=uri)
         self.check_refused(vhost, uri, str(cm.exception),
                            r"NIC 'nic0'.*vhost=off")
+
+    def test_serial_console_never_ahead(self) -> None:
+        """The guest's serial console on a TCP socket, a client reading
+        it all the time, as a log collector would: at each kill -9 of the
+        sender the resumed guest's first tick comes after the last one
+        the client read, never again a tick the client has seen (what
+        the sender's guest printed after its last committed checkpoint
+        never reached the client).  The lines the client read count up
+        one by one."""
+        seed, rng = self.seeded_rng()
+        for rnd in range(1, self.ROUNDS + 1):
+            label = f"serial round {rnd}/{self.ROUNDS} (seed {seed})"
+            port = free_tcp_port()
+            sender = self.launch_vm(
+                f"sender{rnd}", console_chardev=f"socket,host=127.0.0.1,"
+                f"port={port},server=on,wait=off")
+            uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
+            receiver = self.launch_vm(f"receiver{rnd}", incoming=uri)
+            reader = ConsoleReader(port)
+            self._cleanups.append(reader.stop)
+            sender.wait_tick(3, timeout=BOOT_DEADLINE)
+            self.protect(sender, receiver, uri)
+            self.wait_checkpoints(sender, 3)
+            time.sleep(rng.uniform(0.3, 2.0))
+            mark = receiver.console_mark()
+            sender.kill(signal.SIGKILL)
+            receiver.wait_event("CURLING_FAILOVER", timeout=60)
+            wait_until(lambda: len(parse_ticks(
+                receiver.console()[mark:])) >= 3, 60,
+                f"ticks on {receiver.name}")
+            time.sleep(0.5)     # what the socket still held is read
+            reader.stop()
+            seen = parse_ticks(reader.text())
+            self.assertTrue(seen, "the client read no tick")
+            numbers = [t.n for t in seen]
+            self.assertEqual(numbers, list(range(numbers[0],
+                                                 numbers[-1] + 1)),
+                             f"{label}: the client's ticks do not count "
+                             f"up one by one")
+            first = parse_ticks(receiver.console()[mark:])[0].n
+            self.log.info("%s: the client read ticks %d..%d, %s went on "
+                          "from tick %d", label, numbers[0], numbers[-1],
+                          receiver.name, first)
+            self.assertGreater(first, numbers[-1],
+                               f"{label}: {receiver.name} printed tick "
+                               f"{first} again: the client had read up to "
+                               f"{numbers[-1]} before the failover")
+            receiver.kill()

@@ -134,6 +134,24 @@ class CurlingRefused(CurlingTest):
                              r"migration")
         self.assert_ticks_ok(vm)
 
+    def test_unholdable_chardev_output_refused(self) -> None:
+        """A device that sends to a chardev what Curling cannot hold (an
+        external IPMI BMC's link) is refused at ``migrate``, by name; the
+        virtio-serial port beside it, whose output Curling holds, is
+        not what is refused."""
+        vm = self.booted(extra_args=(
+            "-chardev", "null,id=bmclink",
+            "-device", "ipmi-bmc-extern,id=bmc0,chardev=bmclink",
+            "-device", "isa-ipmi-kcs,bmc=bmc0",
+            "-device", "virtio-serial-pci",
+            "-chardev", "null,id=port0",
+            "-device", "virtserialport,chardev=port0,name=org.curling.0"))
+        self.refused_migrate(vm, "an ipmi-bmc-extern",
+                             r"Curling cannot hold what device 'bmc0' "
+                             r"\(ipmi-bmc-extern\) sends to chardev "
+                             r"'bmclink'; remove the device or its chardev")
+        self.assert_ticks_ok(vm)
+
     def test_filters_sending_output_early(self) -> None:
         """A netfilter that would send the guest's output on before its
         checkpoint is committed (filter-mirror, filter-redirector,
