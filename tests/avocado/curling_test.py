@@ -86,6 +86,8 @@ def held_ticks(interval_ms: int) -> int:
     committed but not yet released printed: at most two checkpoint
     cycles, each an interval and up to a second of saving."""
     return 2 * (interval_ms + 1000) // 100
+
+
 #: curling-timeout of managed pairs (ms).
 MANAGED_TIMEOUT_MS = 1000
 #: Seconds the agents of a pair may take to decide once both sides can
