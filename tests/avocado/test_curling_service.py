@@ -324,34 +324,28 @@ class CurlingService(CurlingTest):
                 ('drives = { disk0 = ', 'drivez = { disk0 = ',
                  "hosts.A.drives: no image for drive 'disk0'")):
             desc.write_text(good.replace(old, new, 1))
-            res = subprocess.run([sys.executable, str(CURLING), "up",
-                                  str(desc), "--host", "A"],
-                                 capture_output=True, text=True, timeout=60)
-            self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
-            self.assertIn(f"{desc}: {message}", res.stderr)
+            self.assert_up_refused(desc, "A", f"{desc}: {message}")
         desc.write_text(good)
-        res = subprocess.run([sys.executable, str(CURLING), "up", str(desc),
-                              "--host", "D"], capture_output=True, text=True,
-                             timeout=60)
-        self.assertEqual(res.returncode, 1)
-        self.assertIn("no host 'D'", res.stderr)
+        self.assert_up_refused(desc, "D", "no host 'D'")
         missing = self._tmpdir / "missing.img"
         desc.write_text(good.replace(str(self._tmpdir / "A-disk0.img"),
                                      str(missing)))
-        res = subprocess.run([sys.executable, str(CURLING), "up", str(desc),
-                              "--host", "A"], capture_output=True, text=True,
-                             timeout=60)
-        self.assertEqual(res.returncode, 1)
-        self.assertIn(f"hosts.A.drives.disk0: {missing} does not exist",
-                      res.stderr)
+        self.assert_up_refused(
+            desc, "A", f"hosts.A.drives.disk0: {missing} does not exist")
         # TLS credentials without the server's certificate
         pki = self._tmpdir / "pki-A"
         Authority.create(self._tmpdir / "ca").issue(pki, "client", "A")
         desc.write_text(good.replace('[hosts.B]',
                                      f'tls = "{pki}"\n\n[hosts.B]'))
+        self.assert_up_refused(
+            desc, "A", f"{desc}: hosts.A.tls: {pki} has no server-cert.pem")
+
+    def assert_up_refused(self, desc: pathlib.Path, host: str,
+                          message: str) -> None:
+        """``curling.py up DESC --host HOST`` ends at once with status 1
+        and ``message`` on stderr."""
         res = subprocess.run([sys.executable, str(CURLING), "up", str(desc),
-                              "--host", "A"], capture_output=True, text=True,
+                              "--host", host], capture_output=True, text=True,
                              timeout=60)
-        self.assertEqual(res.returncode, 1)
-        self.assertIn(f"{desc}: hosts.A.tls: {pki} has no server-cert.pem",
-                      res.stderr)
+        self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+        self.assertIn(message, res.stderr)
