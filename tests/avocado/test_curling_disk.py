@@ -135,7 +135,7 @@ class CurlingDisk(CurlingTest):
         """While the guest's drive is replicated, every block operation
         that would make the guest write where Curling does not look, or
         change what the receiver must hold (a mirror, a stream, a commit,
-        a resize), is refused with an error that names Curling and the
+        a resize, a reopen), is refused with an error that names Curling and the
         way out, and the drive stays as it was; a backup works.  A
         failover then resumes a guest whose disk agrees with its memory,
         and once protection ends the drive takes them again."""
@@ -156,6 +156,10 @@ class CurlingDisk(CurlingTest):
             ("block-commit", {"job-id": "commit0", "device": "disk0"}),
             ("block_resize", {"device": "disk0",
                               "size": 2 * self.DISK_SIZE}),
+            # A new file or backing would change what the guest reads
+            ("blockdev-reopen", {"options": [{"driver": "raw",
+                                              "node-name": root,
+                                              "file": "target"}]}),
         ]
         for command, args in refused:
             with self.assertRaises(ExecuteError,
