@@ -492,6 +492,33 @@ class CurlingTest(avocado.Test):
                                f"the guest on {vm.name} stopped writing")
         return checks
 
+    # -- screen -----------------------------------------------------------
+
+    def screendump(self, vm: VM, name: str) -> bytes:
+        """``vm``'s screen as a PPM file, kept as ``name`` in the log dir."""
+        path = self.logdir_path / name
+        vm.qmp("screendump", filename=str(path))
+        return path.read_bytes()
+
+    @staticmethod
+    def parse_ppm(data: bytes) -> tuple[str, bytes]:
+        """(header, pixel bytes) of a binary PPM (P6) file."""
+        fields = []
+        pos = 0
+        while len(fields) < 4:
+            while data[pos:pos + 1].isspace():
+                pos += 1
+            if data[pos:pos + 1] == b"#":
+                pos = data.index(b"\n", pos) + 1
+                continue
+            end = pos
+            while not data[end:end + 1].isspace():
+                end += 1
+            fields.append(data[pos:end].decode())
+            pos = end
+        assert fields[0] == "P6", f"not a binary PPM: {fields[0]}"
+        return " ".join(fields), data[pos + 1:]
+
     # -- network ----------------------------------------------------------
 
     #: Kernel command line of a guest that serves on the lab's network.

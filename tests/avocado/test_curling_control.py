@@ -527,30 +527,6 @@ class CurlingControl(CurlingControlBase):
                       f"sender's ({header}) in {diff} pixels; see "
                       f"sender.ppm and receiver.ppm in the test log dir")
 
-    def screendump(self, vm: VM, name: str) -> bytes:
-        path = self.logdir_path / name
-        vm.qmp("screendump", filename=str(path))
-        return path.read_bytes()
-
-    @staticmethod
-    def parse_ppm(data: bytes) -> tuple[str, bytes]:
-        """(header, pixel bytes) of a binary PPM (P6) file."""
-        fields = []
-        pos = 0
-        while len(fields) < 4:
-            while data[pos:pos + 1].isspace():
-                pos += 1
-            if data[pos:pos + 1] == b"#":
-                pos = data.index(b"\n", pos) + 1
-                continue
-            end = pos
-            while not data[end:end + 1].isspace():
-                end += 1
-            fields.append(data[pos:end].decode())
-            pos = end
-        assert fields[0] == "P6", f"not a binary PPM: {fields[0]}"
-        return " ".join(fields), data[pos + 1:]
-
     # -- timing -----------------------------------------------------------
 
     def measure_period(self, vm: VM, seconds: float) -> tuple[float, float, int]:

@@ -9,7 +9,11 @@ filling and then rewriting and checking its own buffer from its own CPU,
 so that on a NUMA guest every node holds pages the guest keeps changing
 (the guest says which node each buffer is in, and the test checks it).
 A guest with RAM above 4 GiB is in the matrix too (one RAM block, mapped
-in two places).  The sender is killed with SIGKILL in chained rounds;
+in two places), and a guest that switches its std VGA to a graphics mode
+and keeps rewriting and checking its framebuffer (the video RAM is a RAM
+block of its own): after every failover the framebuffer the resumed guest
+reads back must be the one its committed memory expects, and its screen
+must still be in that mode.  The sender is killed with SIGKILL in chained rounds;
 after every failover the resumed guest must go on from the last
 committed checkpoint with a clean self-check on every vCPU, and stay
 alive: no kernel oops, no reboot, its ticks going on for ``ALIVE_S``
@@ -36,6 +40,12 @@ BOOT_DEADLINE = 180.0
 TROUBLE_RE = re.compile(r"general protection fault|Oops|BUG:|Kernel panic|"
                         r"invalid opcode|segfault|curling: start ")
 
+FBCHECK_RE = re.compile(r"curling: fbcheck writes=(\d+) checks=(\d+) "
+                        r"check=(ok|FAIL)(.*)")
+
+#: The graphics mode the framebuffer self-check sets.
+FB_MODE = "640x480x32"
+
 WORKER_RE = re.compile(r"curling: worker=(\d+) cpu=(-?\d+) node=(-?\d+) "
                        r"high=(-?\d+)")
 
@@ -56,6 +66,8 @@ class Layout:
     append: str = ""
     #: Some worker's buffer must reach this guest-physical address (MiB).
     reach_mib: int = 0
+    #: The guest runs the framebuffer self-check (curling.fb=1).
+    fb: bool = False
 
 
 def file_backend(name: str, folder: str) -> list[str]:
@@ -80,6 +92,8 @@ LAYOUTS = [
     # 4.5 GiB: pc puts the last 1.5 GiB above 4 GiB, where the kernel
     # takes the workers' pages from first.
     Layout("above4g", "pc", "4608M", 2, (), None, reach_mib=4096),
+    Layout("vga", "q35", "256M", 2, ("-device", "VGA"), None,
+           append="curling.fb=1", fb=True),
 ]
 
 
@@ -118,6 +132,8 @@ class CurlingMemoryLayouts(CurlingTest):
             mem=layout.mem, smp=layout.smp, side_args=side)
         sender.wait_tick(5, timeout=BOOT_DEADLINE)
         self.check_placement(sender, layout)
+        if layout.fb:
+            sender.wait_console(f"curling: fb mode={FB_MODE}", timeout=60)
         for rnd in range(1, self.ROUNDS + 1):
             label = f"{layout.name} round {rnd}/{self.ROUNDS}"
             self.protect(sender, receiver, uri)
@@ -126,6 +142,8 @@ class CurlingMemoryLayouts(CurlingTest):
             self.kill_round(sender, receiver, rng.uniform(0.3, 2.0), label)
             self.assert_alive(receiver, mark, alive if rnd == self.ROUNDS
                               else self.ALIVE_BETWEEN_S, label)
+            if layout.fb:
+                self.assert_framebuffer(receiver, mark, label)
             if rnd < self.ROUNDS:
                 sender = receiver
                 name = f"{layout.name}-receiver{rnd + 1}"
@@ -154,6 +172,31 @@ class CurlingMemoryLayouts(CurlingTest):
                 layout.reach_mib,
                 f"{layout.name}: no worker's buffer reaches "
                 f"{layout.reach_mib} MiB")
+
+    def assert_framebuffer(self, vm: VM, mark: int, label: str) -> None:
+        """The framebuffer self-check of ``vm``'s guest passed since the
+        console position ``mark`` while its rows went on being rewritten,
+        and its screen is in the guest's graphics mode."""
+        checks = [FBCHECK_RE.search(line) for line in
+                  vm.console()[mark:].splitlines()]
+        checks = [m for m in checks if m]
+        bad = [m.group(0) for m in checks if m.group(3) != "ok"]
+        self.assertEqual(bad, [], f"{label}: the framebuffer on {vm.name} "
+                         f"is not the one its memory expects")
+        self.assertGreaterEqual(len(checks), 2, f"{label}: {vm.name} "
+                                f"printed no framebuffer self-checks")
+        writes = [int(m.group(1)) for m in checks]
+        self.assertGreater(writes[-1], writes[0], f"{label}: the guest on "
+                           f"{vm.name} stopped rewriting its framebuffer")
+        header, _ = self.parse_ppm(self.screendump(
+            vm, f"{vm.name}-{label.replace(' ', '-').replace('/', 'of')}.ppm"))
+        width, height = FB_MODE.split("x")[:2]
+        self.assertTrue(header.startswith(f"P6 {width} {height} "),
+                        f"{label}: {vm.name}'s screen is {header}, not the "
+                        f"guest's {FB_MODE} mode")
+        self.log.info("%s: framebuffer on %s checked %d times, rows "
+                      "rewritten %d..%d", label, vm.name, len(checks),
+                      writes[0], writes[-1])
 
     def assert_alive(self, vm: VM, mark: int, seconds: float,
                      label: str) -> None:

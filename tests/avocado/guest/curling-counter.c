@@ -80,6 +80,19 @@
  * or "check=FAIL <what>"; after curling.fstime seconds the workload stops,
  * unmounts the file system and prints "curling: fs unmounted ops=<n>".
  *
+ * Framebuffer self-check (curling.fb=1): the std VGA (PCI 1234:1111) is
+ * switched to a 640x480 32-bit graphics mode through its Bochs VBE
+ * registers, and its linear framebuffer (PCI BAR 0, mapped through sysfs)
+ * is checked like the disk: rows are rewritten one after the other, each
+ * with a pattern derived from (row, version), a version table in memory
+ * records what each row must hold, and every period the whole visible
+ * framebuffer is read back and compared with it.  Once, then once a second
+ *
+ *   curling: fb mode=640x480x32
+ *   curling: fbcheck writes=<n> checks=<n> check=ok
+ *
+ * or "check=FAIL row=<r> want=<v> pixel=<x>" (the first bad pixel).
+ *
  * Disk load (curling.diskload=, for the benchmark): "seq" writes 64 KiB
  * blocks one after the other over the disk with O_DIRECT, paced to
  * curling.diskrate MiB/s; "fsync" writes 4 KiB blocks at random offsets,
@@ -101,6 +114,7 @@
  *   curling.diskcheck=DEV  run the disk self-check on /dev/DEV
  *   curling.fs=DEV     run the file system workload on /dev/DEV (ext4)
  *   curling.fstime=S   stop it after S seconds and unmount (default: never)
+ *   curling.fb=1       run the framebuffer self-check on the std VGA
  *   curling.diskload=seq|fsync  run a disk benchmark load on /dev/vda
  *   curling.diskrate=R MiB per second the seq load offers (default 10)
  *
@@ -127,6 +141,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/io.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
@@ -157,6 +172,7 @@ struct config {
     unsigned long fs_seconds;
     char diskload[16];
     double disk_rate;
+    int fb;
 };
 
 /*
@@ -458,6 +474,8 @@ static void parse_cmdline(void)
             snprintf(cfg.fs, sizeof(cfg.fs), "%s", tok + 11);
         } else if (!strncmp(tok, "curling.fstime=", 15)) {
             cfg.fs_seconds = strtoul(tok + 15, NULL, 10);
+        } else if (!strncmp(tok, "curling.fb=", 11)) {
+            cfg.fb = atoi(tok + 11) != 0;
         } else if (!strncmp(tok, "curling.diskload=", 17)) {
             snprintf(cfg.diskload, sizeof(cfg.diskload), "%s", tok + 17);
         } else if (!strncmp(tok, "curling.diskrate=", 17)) {
@@ -813,7 +831,7 @@ static int read_sysfs_u64(const char *path, uint64_t *value)
         return -1;
     }
     text[n] = '\0';
-    *value = strtoull(text, NULL, 10);
+    *value = strtoull(text, NULL, 0);      /* decimal, or 0x... */
     return 0;
 }
 
@@ -1300,6 +1318,179 @@ static void *diskcheck_thread(void *opaque)
     return NULL;
 }
 
+/* -- framebuffer self-check -------------------------------------------- */
+
+#define FB_WIDTH        640
+#define FB_HEIGHT       480
+#define FB_BPP          32
+#define FB_BYTES        (FB_WIDTH * FB_HEIGHT * 4)
+#define FB_ROWS_PER_STEP 4
+#define VBE_INDEX_PORT  0x1ce
+#define VBE_DATA_PORT   0x1cf
+#define VBE_XRES        1
+#define VBE_YRES        2
+#define VBE_BPP         3
+#define VBE_ENABLE      4
+#define VBE_ENABLED     0x01
+#define VBE_LFB_ENABLED 0x40
+
+static uint32_t fb_table[FB_HEIGHT];
+static uint64_t fb_writes, fb_checks;
+
+static void vbe_write(uint16_t index, uint16_t value)
+{
+    outw(index, VBE_INDEX_PORT);
+    outw(value, VBE_DATA_PORT);
+}
+
+static uint16_t vbe_read(uint16_t index)
+{
+    outw(index, VBE_INDEX_PORT);
+    return inw(VBE_DATA_PORT);
+}
+
+/* Pixel @x of row @r at @version: every pixel of every version differs. */
+static inline uint32_t fb_pixel(unsigned r, uint32_t version, unsigned x)
+{
+    return (uint32_t)mix64(((uint64_t)r << 32 | version) +
+                           x * WORD_STEP);
+}
+
+static void fb_fill_row(volatile uint32_t *fb, unsigned r, uint32_t version)
+{
+    volatile uint32_t *row = fb + (size_t)r * FB_WIDTH;
+    unsigned x;
+
+    for (x = 0; x < FB_WIDTH; x++) {
+        row[x] = fb_pixel(r, version, x);
+    }
+}
+
+/* Describe the first pixel of @fb that differs from the table. */
+static int fb_verify(const volatile uint32_t *fb, char *why, size_t whylen)
+{
+    unsigned r, x;
+
+    for (r = 0; r < FB_HEIGHT; r++) {
+        const volatile uint32_t *row = fb + (size_t)r * FB_WIDTH;
+
+        for (x = 0; x < FB_WIDTH; x++) {
+            if (row[x] != fb_pixel(r, fb_table[r], x)) {
+                snprintf(why, whylen, "row=%u want=%u pixel=%u", r,
+                         fb_table[r], x);
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
+/* The sysfs path of BAR 0 of the first std VGA, in @path. */
+static int fb_find(char *path, size_t len)
+{
+    DIR *dir = opendir("/sys/bus/pci/devices");
+    struct dirent *de;
+    int found = 0;
+
+    if (!dir) {
+        return 0;
+    }
+    while (!found && (de = readdir(dir))) {
+        char attr[300];
+        uint64_t vendor, device;
+
+        if (de->d_name[0] == '.') {
+            continue;
+        }
+        snprintf(attr, sizeof(attr), "/sys/bus/pci/devices/%s/vendor",
+                 de->d_name);
+        if (read_sysfs_u64(attr, &vendor) || vendor != 0x1234) {
+            continue;
+        }
+        snprintf(attr, sizeof(attr), "/sys/bus/pci/devices/%s/device",
+                 de->d_name);
+        if (read_sysfs_u64(attr, &device) || device != 0x1111) {
+            continue;
+        }
+        snprintf(path, len, "/sys/bus/pci/devices/%s/resource0", de->d_name);
+        found = 1;
+    }
+    closedir(dir);
+    return found;
+}
+
+static void *fb_thread(void *opaque)
+{
+    char path[300];
+    volatile uint32_t *fb;
+    uint64_t last_report = now_ns(), last_check = last_report;
+    unsigned r, k, next = 0;
+    char why[96] = "";
+    int fd;
+
+    if (!fb_find(path, sizeof(path))) {
+        out("curling: fb: no std VGA\n");
+        return NULL;
+    }
+    fd = open(path, O_RDWR | O_SYNC);
+    /* A 16-bit access to the data port spans 0x1cf and 0x1d0. */
+    if (fd < 0 || ioperm(VBE_INDEX_PORT, 3, 1) < 0) {
+        out("curling: fb: cannot open %s: %s\n", path, strerror(errno));
+        return NULL;
+    }
+    fb = mmap(NULL, FB_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (fb == MAP_FAILED) {
+        out("curling: fb: cannot map %s: %s\n", path, strerror(errno));
+        return NULL;
+    }
+    vbe_write(VBE_ENABLE, 0);
+    vbe_write(VBE_XRES, FB_WIDTH);
+    vbe_write(VBE_YRES, FB_HEIGHT);
+    vbe_write(VBE_BPP, FB_BPP);
+    vbe_write(VBE_ENABLE, VBE_ENABLED | VBE_LFB_ENABLED);
+    out("curling: fb mode=%ux%ux%u\n", vbe_read(VBE_XRES),
+        vbe_read(VBE_YRES), vbe_read(VBE_BPP));
+
+    /* Version 1 everywhere first, then one row after the other. */
+    for (r = 0; r < FB_HEIGHT; r++) {
+        fb_fill_row(fb, r, 1);
+        fb_table[r] = 1;
+    }
+    for (;;) {
+        uint64_t t;
+
+        for (k = 0; k < FB_ROWS_PER_STEP; k++) {
+            r = next;
+            next = (next + 1) % FB_HEIGHT;
+            /* Row first, then the table: the thread never checks between. */
+            fb_fill_row(fb, r, fb_table[r] + 1);
+            fb_table[r]++;
+            fb_writes++;
+        }
+
+        t = now_ns();
+        if (t - last_check < cfg.period_ms * 1000000ULL) {
+            sleep_ms(5);
+            continue;
+        }
+        last_check = t;
+        fb_checks++;
+        if (!why[0] && !fb_verify(fb, why, sizeof(why))) {
+            out("curling: fbcheck writes=%llu checks=%llu check=FAIL %s\n",
+                (unsigned long long)fb_writes,
+                (unsigned long long)fb_checks, why);
+        }
+        if (t - last_report >= 1000000000ULL) {
+            out("curling: fbcheck writes=%llu checks=%llu check=%s\n",
+                (unsigned long long)fb_writes,
+                (unsigned long long)fb_checks, why[0] ? "FAIL" : "ok");
+            last_report = t;
+        }
+    }
+    return NULL;
+}
+
 /* -- file system workload ---------------------------------------------- */
 
 #define FS_FILES        32
@@ -1646,6 +1837,9 @@ int main(void)
     }
     if (cfg.diskload[0]) {
         start_thread(diskload_thread, NULL);
+    }
+    if (cfg.fb) {
+        start_thread(fb_thread, NULL);
     }
     for (i = 1; i < nworkers; i++) {
         start_thread(worker_thread, &workers[i]);
