@@ -272,6 +272,39 @@ class CurlingControl(CurlingControlBase):
         self.assertEqual(sender.qmp("query-status")["status"], "running")
         self.assert_ticking(sender, since=sender.console_mark())
 
+    def test_checkpoint_ceiling(self) -> None:
+        """Checkpoints that fit their ceiling (x-curling-checkpoint-max on
+        the sender) commit as before; one that does not ends protection
+        cleanly, as a sender out of memory does: the error names the
+        ceiling, the guest runs on, the receiver keeps its copy paused."""
+        ceiling = 32 * MiB
+
+        def side(name: str) -> list[str]:
+            return (["-global", f"migration.x-curling-checkpoint-max={ceiling}"]
+                    if name == "sender" else [])
+
+        # Each second the guest rewrites 8 MiB of distinct pages.
+        append = "curling.mode=dirty curling.rate=8 curling.mb=64"
+        sender, receiver, uri = self.launch_pair(append=append,
+                                                 side_args=side)
+        sender.wait_tick(3, timeout=BOOT_DEADLINE)
+        self.protect(sender, receiver, uri, curling_interval=200)
+        self.wait_checkpoints(sender, 10)
+        self.assertEqual(curling_info(sender)["status"], "protecting")
+        # 8 s of rewrites: 64 MiB, twice the ceiling.
+        sender.qmp("migrate-set-parameters", curling_interval=8000)
+
+        self.wait_curling_status(sender, "error", timeout=60)
+        error = sender.qmp("query-migrate").get("error-desc", "")
+        self.log.info("sender: %s", error)
+        self.assertRegex(error, rf"ceiling of {ceiling} bytes "
+                         r"\(x-curling-checkpoint-max\)")
+        self.wait_curling_status(receiver, "cancelled")
+        self.assertEqual(receiver.qmp("query-status")["status"], "paused")
+        self.assertEqual(self.failovers(receiver), [])
+        self.assertEqual(sender.qmp("query-status")["status"], "running")
+        self.assert_ticking(sender, since=sender.console_mark())
+
     def test_failed_stop_ends_protection(self) -> None:
         """A checkpoint whose stop fails (here the disk flush that stopping
         the VM does: blkdebug fails every flush once the test wrote to that
