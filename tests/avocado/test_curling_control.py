@@ -20,6 +20,8 @@ from qemu.qmp import ExecuteError
 
 from curling_test import (VM, CurlingTest, Tick, curling_info, numa_args,
                           wait_until)
+# curling_test puts scripts/ on the path.
+from curlingtool.bench import stop_phases
 
 #: Seconds from QEMU start to a ticking guest.
 BOOT_DEADLINE = 120.0
@@ -274,24 +276,32 @@ class CurlingControl(CurlingControlBase):
 
     def test_checkpoint_ceiling(self) -> None:
         """Checkpoints that fit their ceiling (x-curling-checkpoint-max on
-        the sender) commit as before; one that does not ends protection
-        cleanly, as a sender out of memory does: the error names the
-        ceiling, the guest runs on, the receiver keeps its copy paused."""
+        the sender) commit as before; one that does not, here because the
+        guest wrote twice the ceiling to its disk, ends protection cleanly,
+        as a sender out of memory does: the error names the ceiling, no
+        stop phase saved more than the ceiling (the disks are not read on
+        while the guest is stopped), the guest runs on, the receiver keeps
+        its copy paused."""
         ceiling = 32 * MiB
 
         def side(name: str) -> list[str]:
-            return (["-global", f"migration.x-curling-checkpoint-max={ceiling}"]
-                    if name == "sender" else [])
+            args = self.disk_args(name, [("dl0", "virtio-blk-pci,drive={drive}")])
+            if name == "sender":
+                args += ["-global", f"migration.x-curling-checkpoint-max={ceiling}",
+                         "-trace", "curling_stop_phase", "-trace", "curling_live_phase"]
+            return args
 
-        # Each second the guest rewrites 8 MiB of distinct pages.
-        append = "curling.mode=dirty curling.rate=8 curling.mb=64"
+        # The guest writes its 64 MiB disk over and over at 16 MiB/s.
+        append = ("curling.mode=dirty curling.rate=1 curling.mb=16 "
+                  "curling.diskload=seq curling.diskrate=16")
         sender, receiver, uri = self.launch_pair(append=append,
                                                  side_args=side)
         sender.wait_tick(3, timeout=BOOT_DEADLINE)
+        sender.wait_console("curling: diskload ", timeout=60)
         self.protect(sender, receiver, uri, curling_interval=200)
         self.wait_checkpoints(sender, 10)
         self.assertEqual(curling_info(sender)["status"], "protecting")
-        # 8 s of rewrites: 64 MiB, twice the ceiling.
+        # 8 s of writes: all of the disk, twice the ceiling.
         sender.qmp("migrate-set-parameters", curling_interval=8000)
 
         self.wait_curling_status(sender, "error", timeout=60)
@@ -299,6 +309,10 @@ class CurlingControl(CurlingControlBase):
         self.log.info("sender: %s", error)
         self.assertRegex(error, rf"ceiling of {ceiling} bytes "
                          r"\(x-curling-checkpoint-max\)")
+        saved = [phase[-1] for phase in stop_phases(self.qemu_log(sender))]
+        self.log.info("bytes saved by each stop phase: %s", saved)
+        self.assertTrue(saved, "the sender traced no stop phase")
+        self.assertLessEqual(max(saved), ceiling)
         self.wait_curling_status(receiver, "cancelled")
         self.assertEqual(receiver.qmp("query-status")["status"], "paused")
         self.assertEqual(self.failovers(receiver), [])
