@@ -115,6 +115,7 @@ def report(out: pathlib.Path, meta: dict, windows: list[bench.Window],
     disk = disk or []
     rows = bench.summarise(windows, meta["memcpy_gb_s"] * 1e9)
     meta["noise"] = bench.noise_floor(windows)
+    meta["unprotected_clock_ppm"] = bench.unprotected_clock_ppm(windows)
     colo_pauses = [r["pause_median_ms"] for r in rows
                    if r["system"].startswith("colo") and
                    r["interval"] == diskbench.TARGET_INTERVAL and

@@ -255,11 +255,25 @@ class Window:
     #: with the VM stopped, per checkpoint (trace event curling_stop_phase)
     stop_phases: list[tuple[int, int, int, int, int]] = dataclasses.field(
         default_factory=list)
+    #: how far the guest's clock ran ahead of (+) or behind (-) this host's
+    #: over the window, in parts per million (clock_drift_ppm())
+    clock_ppm: Optional[float] = None
 
 
 STOP_PHASE_RE = re.compile(r"curling_stop_phase VM stopped: stop (\d+) us, "
                            r"RAM (\d+) us, devices (\d+) us, start (\d+) us; "
                            r"(\d+) bytes")
+
+
+def clock_drift_ppm(start: Optional[tuple[int, float]],
+                    end: Optional[tuple[int, float]]) -> Optional[float]:
+    """Drift of the guest's clock against the host's between two
+    VM.guest_clock_ns() readings (guest ns, host s), in parts per million:
+    negative when the guest's clock fell behind."""
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    guest_s = (end[0] - start[0]) / 1e9
+    return (guest_s / (end[1] - start[1]) - 1) * 1e6
 
 
 def stop_phases(log_text: str) -> list[tuple[int, int, int, int, int]]:
@@ -343,9 +357,11 @@ class Bench:
         qmp = self.workdir / f"{name}.qmp"
         if with_agent:
             extra = [*extra, *agent.monitor_args(self.agent_qmp(name))]
+        # The guest publishes its clock, for Window.clock_ppm.
         args = guest_args(self.qemu, self.guest, name, accel=self.accel,
                           console=console, qmp_path=qmp, incoming=incoming,
-                          mem=MEM, append=append, extra_args=extra)
+                          mem=MEM, append=f"{append} curling.clock=1",
+                          extra_args=extra)
         cpu = self.cpus[0] if role in ("sender", "primary") else self.cpus[1]
         vm = VM(name, args, console, self.workdir / f"{name}-qemu.log", qmp,
                 log, cpu_affinity={cpu})
@@ -448,10 +464,12 @@ class Bench:
         wr0 = tcp_bytes_sent(port)
         info0 = (sender.qmp("query-curling") if is_curling(system) else None)
         log_pos = sender.qemu_log_path.stat().st_size
+        clock0 = sender.guest_clock_ns()
         deadline = t0 + self.window
         while time.monotonic() < deadline:
             time.sleep(0.2)
             sender.qmp("query-status")          # collects STOP/RESUME events
+        clock1 = sender.guest_clock_ns()
         last = sender.last_tick()
         t1 = time.monotonic()
         info1 = (sender.qmp("query-curling") if is_curling(system) else None)
@@ -489,7 +507,8 @@ class Bench:
             receiver_rss=rss_bytes(receiver.pid) if receiver else None,
             sender_threads={k: v - threads0.get(k, 0.0)
                             for k, v in thread_cpu(sender.pid).items()},
-            ack_ms=ack_ms, stop_phases=phases)
+            ack_ms=ack_ms, stop_phases=phases,
+            clock_ppm=clock_drift_ppm(clock0, clock1))
 
     # -- a whole system x workload -------------------------------------------
 
@@ -711,6 +730,8 @@ def summarise(windows: list[Window], memcpy_bw: float = 0.0
                 w.ack_ms for w in ws if w.ack_ms is not None]) else None),
             "vcpu_share": thread_share(ws, "vcpu"),
             "migration_share": thread_share(ws, "migration"),
+            "clock_ppm": (statistics.median(drifts) if (drifts := [
+                w.clock_ppm for w in ws if w.clock_ppm is not None]) else None),
             "windows": len(ws),
         }
         if phases:
@@ -727,6 +748,14 @@ def summarise(windows: list[Window], memcpy_bw: float = 0.0
                                  else None)
         rows.append(row)
     return rows
+
+
+def unprotected_clock_ppm(windows: list[Window]) -> Optional[float]:
+    """Median clock drift of the unprotected windows: the noise floor of
+    the guest clock column."""
+    drifts = [w.clock_ppm for w in windows
+              if w.system == "none" and w.clock_ppm is not None]
+    return statistics.median(drifts) if drifts else None
 
 
 def thread_share(ws: list[Window], kind: str) -> Optional[float]:
@@ -1018,6 +1047,7 @@ def write_report(path: pathlib.Path, meta: dict[str, Any],
                  extra_targets: Iterable[dict[str, str]] = (),
                  sections: Iterable[str] = ()) -> None:
     accel = meta["accel"].upper()
+    unprotected_ppm = meta.get("unprotected_clock_ppm")
     out = [f"# Curling benchmark ({meta['date']})", "",
            f"Accelerator: **{accel}**. Machine: {meta['cpus']} CPUs; "
            f"sender/primary pinned to CPU {meta['pin'][0]}, receiver/secondary "
@@ -1042,9 +1072,9 @@ def write_report(path: pathlib.Path, meta: dict[str, Any],
             "| system | workload | interval ms | throughput | min..max | ckpt/s "
             "| pause median ms | p99 | max | stalls | MB/ckpt | stopped KB "
             "| bound ms | pause/bound | MB/s | sender CPU | receiver CPU "
-            "| receiver RSS MB |",
+            "| receiver RSS MB | guest clock ppm |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
-            "|---:|---:|---:|---:|---:|"]
+            "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         bpc = r["bytes_per_checkpoint"]
         stop = r.get("stop_bytes")
@@ -1059,7 +1089,8 @@ def write_report(path: pathlib.Path, meta: dict[str, Any],
             f"| {fmt(bpc and bpc / 1e6, '.3f')} | {fmt(stop and stop / 1e3, '.1f')} "
             f"| {fmt(r['bound_ms'], '.4f')} | {fmt(r['pause_vs_bound'], '.0f')} "
             f"| {r['bandwidth_mb_s']:.1f} | {r['sender_cpu']:.0%} "
-            f"| {r['receiver_cpu']:.0%} | {r['receiver_rss_mb']:.0f} |")
+            f"| {r['receiver_cpu']:.0%} | {r['receiver_rss_mb']:.0f} "
+            f"| {fmt(r.get('clock_ppm'), '+.0f')} |")
     out += ["", "Throughput: the guest's work per host second protected, divided "
             "by the same guest's unprotected throughput in the windows just before "
             "and after (median over the repetitions; min..max of the windows). "
@@ -1067,7 +1098,11 @@ def write_report(path: pathlib.Path, meta: dict[str, Any],
             "COLO, which sends the whole checkpoint with the guest stopped, the "
             "checkpoint's bytes on the wire); bound: those bytes at memcpy speed. "
             "CPU: share of one host CPU each QEMU used; COLO's secondary runs the "
-            "guest too, so its CPU includes guest execution.", ""]
+            "guest too, so its CPU includes guest execution. Guest clock: how "
+            "far the sender's guest's CLOCK_MONOTONIC ran ahead (+) or behind "
+            "(-) the host's over the window, in parts per million (median; "
+            f"unprotected windows: {fmt(unprotected_ppm, '+.0f')}), read from "
+            "guest memory to within about 2 ms at each end of the window.", ""]
     phased = [r for r in rows if "phase_stop_us" in r]
     if phased:
         out += [f"## Where Curling's pause goes ({accel})", "",

@@ -47,6 +47,14 @@ DISKCHECK_RE = re.compile(
     r"curling: diskcheck dev=(?P<dev>\w+) writes=(?P<writes>\d+) "
     r"checks=(?P<checks>\d+) check=(?P<check>\w+)(?: (?P<detail>.*))?")
 
+#: Where the guest publishes its clock (curling.clock=1), e.g.
+#: ``curling: clock phys=0x3a2f000``.
+CLOCK_PAGE_RE = re.compile(r"curling: clock phys=0x(?P<phys>[0-9a-f]+)")
+
+#: What HMP ``xp /1gx ADDR`` prints, e.g.
+#: ``000000003a2f000: 0x000000123456789a``.
+XP_RE = re.compile(r"^\s*[0-9a-f]+:\s+0x(?P<value>[0-9a-f]+)\s*$", re.M)
+
 T = TypeVar("T")
 
 # Every QEMU started by this module, so that nothing outlives the test.
@@ -154,6 +162,21 @@ def parse_diskchecks(text: str) -> list[DiskCheck]:
                                     checks=int(m["checks"]),
                                     check=m["check"], line=line.strip()))
     return checks
+
+
+def parse_clock_page(text: str) -> Optional[int]:
+    """The guest-physical address of the guest's clock page, as it last
+    said (None before it said)."""
+    found = CLOCK_PAGE_RE.findall(text)
+    return int(found[-1], 16) if found else None
+
+
+def parse_xp_u64(text: str) -> int:
+    """The value HMP ``xp /1gx`` printed."""
+    m = XP_RE.search(text)
+    if not m:
+        raise ValueError(f"not an xp /1gx answer: {text!r}")
+    return int(m["value"], 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,6 +413,20 @@ class VM:
     def diskchecks(self, since: int = 0) -> list[DiskCheck]:
         """Disk self-check lines printed so far (from offset ``since``)."""
         return parse_diskchecks(self.console()[since:])
+
+    def guest_clock_ns(self) -> Optional[tuple[int, float]]:
+        """(the guest's CLOCK_MONOTONIC in ns, this host's monotonic clock
+        in s at that moment), read from guest memory; None until a guest
+        with curling.clock=1 said where its clock is.  Within the guest's
+        update period (2 ms) and one monitor round trip."""
+        phys = parse_clock_page(self.console())
+        if phys is None:
+            return None
+        before = time.monotonic()
+        text = self.qmp("human-monitor-command",
+                        command_line=f"xp /1gx {phys:#x}")
+        after = time.monotonic()
+        return parse_xp_u64(text), (before + after) / 2
 
     def last_tick(self) -> Optional[Tick]:
         ticks = self.ticks()

@@ -302,3 +302,23 @@ def test_thread_kinds_and_shares() -> None:
     assert bench.thread_share(ws, "migration") == pytest.approx(0.15)
     assert set(bench.thread_cpu(os.getpid())) == {"vcpu", "migration",
                                                   "other"}
+
+
+def test_clock_drift_ppm() -> None:
+    # 10 s of host time, 9.95 s of guest time: 0.5% behind.
+    assert bench.clock_drift_ppm((1_000_000_000, 100.0),
+                                 (10_950_000_000, 110.0)) == \
+        pytest.approx(-5000.0)
+    assert bench.clock_drift_ppm(None, (1, 2.0)) is None
+    assert bench.clock_drift_ppm((1, 2.0), (5, 2.0)) is None
+
+
+def test_clock_ppm_in_rows() -> None:
+    ws = [window("none", None, 100.0), window("curling", 100, 90.0),
+          window("curling", 100, 92.0), window("none", None, 100.0)]
+    ws[0].clock_ppm, ws[3].clock_ppm = 20.0, 40.0
+    ws[1].clock_ppm, ws[2].clock_ppm = -13000.0, -11000.0
+    assert bench.unprotected_clock_ppm(ws) == 30.0
+    rows = bench.summarise(ws)
+    assert rows[0]["clock_ppm"] == -12000.0
+    assert bench.unprotected_clock_ppm(ws[1:3]) is None

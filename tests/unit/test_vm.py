@@ -80,3 +80,16 @@ def test_diskchecks() -> None:
         ("vda", 120, 9, True), ("vda", 121, 10, False)]
     assert checks[1].line.endswith("have=2")
     assert len(vm.parse_ticks(text)) == 1
+
+
+def test_clock_page_and_xp() -> None:
+    text = ("curling: tick=3 work=1 pages=2 check=ok\n"
+            "curling: clock phys=0x3a2f000\n"
+            "curling: tick=4 work=1 pages=2 check=ok\n"
+            "curling: clock phys=0x1000\n")
+    assert vm.parse_clock_page(text) == 0x1000
+    assert vm.parse_clock_page("curling: tick=1 work=0 pages=0\n") is None
+    assert vm.parse_xp_u64("0000000003a2f000: 0x000000123456789a\r\n") == \
+        0x123456789a
+    with pytest.raises(ValueError):
+        vm.parse_xp_u64("Cannot access memory\r\n")

@@ -93,6 +93,16 @@
  *
  * or "check=FAIL row=<r> want=<v> pixel=<x>" (the first bad pixel).
  *
+ * Guest clock (curling.clock=1): a thread writes the guest's CLOCK_MONOTONIC
+ * (ns, a little-endian u64) into the first word of a locked page every
+ * CLOCK_UPDATE_US, and says where that page is in guest-physical memory:
+ *
+ *   curling: clock phys=0x<address>
+ *
+ * (again whenever it moves), so that the host can read the guest's clock
+ * from guest memory at any moment and compare it with its own, even while
+ * the guest's console output is held.
+ *
  * Disk load (curling.diskload=, for the benchmark): "seq" writes 64 KiB
  * blocks one after the other over the disk with O_DIRECT, paced to
  * curling.diskrate MiB/s; "fsync" writes 4 KiB blocks at random offsets,
@@ -115,6 +125,7 @@
  *   curling.fs=DEV     run the file system workload on /dev/DEV (ext4)
  *   curling.fstime=S   stop it after S seconds and unmount (default: never)
  *   curling.fb=1       run the framebuffer self-check on the std VGA
+ *   curling.clock=1    publish the guest's clock in guest memory
  *   curling.diskload=seq|fsync  run a disk benchmark load on /dev/vda
  *   curling.diskrate=R MiB per second the seq load offers (default 10)
  *
@@ -173,6 +184,7 @@ struct config {
     char diskload[16];
     double disk_rate;
     int fb;
+    int clock;
 };
 
 /*
@@ -474,6 +486,8 @@ static void parse_cmdline(void)
             snprintf(cfg.fs, sizeof(cfg.fs), "%s", tok + 11);
         } else if (!strncmp(tok, "curling.fstime=", 15)) {
             cfg.fs_seconds = strtoul(tok + 15, NULL, 10);
+        } else if (!strncmp(tok, "curling.clock=", 14)) {
+            cfg.clock = atoi(tok + 14) != 0;
         } else if (!strncmp(tok, "curling.fb=", 11)) {
             cfg.fb = atoi(tok + 11) != 0;
         } else if (!strncmp(tok, "curling.diskload=", 17)) {
@@ -1491,6 +1505,55 @@ static void *fb_thread(void *opaque)
     return NULL;
 }
 
+/* -- guest clock -------------------------------------------------------- */
+
+#define CLOCK_UPDATE_US 2000
+
+/* Guest-physical address of the page at @p, or 0 when it is not present. */
+static uint64_t phys_addr(const void *p)
+{
+    uint64_t entry = 0, vpn = (uintptr_t)p / PAGE_SIZE;
+    int fd = open("/proc/self/pagemap", O_RDONLY);
+    ssize_t n;
+
+    if (fd < 0) {
+        return 0;
+    }
+    n = pread(fd, &entry, sizeof(entry), vpn * sizeof(entry));
+    close(fd);
+    if (n != sizeof(entry) || !(entry >> 63)) {
+        return 0;
+    }
+    return (entry & ((1ULL << 55) - 1)) * PAGE_SIZE;
+}
+
+static void *clock_thread(void *opaque)
+{
+    volatile uint64_t *page = alloc_pages(PAGE_SIZE);
+    uint64_t phys = 0, last_look = 0;
+
+    page[0] = now_ns();
+    if (mlock((void *)page, PAGE_SIZE) < 0) {
+        out("curling: clock: cannot lock its page: %s\n", strerror(errno));
+    }
+    for (;;) {
+        uint64_t t = now_ns();
+
+        page[0] = t;
+        if (!phys || t - last_look >= 1000000000ULL) {
+            uint64_t where = phys_addr((const void *)page);
+
+            if (where != phys) {
+                phys = where;
+                out("curling: clock phys=0x%llx\n", (unsigned long long)phys);
+            }
+            last_look = t;
+        }
+        usleep(CLOCK_UPDATE_US);
+    }
+    return NULL;
+}
+
 /* -- file system workload ---------------------------------------------- */
 
 #define FS_FILES        32
@@ -1840,6 +1903,9 @@ int main(void)
     }
     if (cfg.fb) {
         start_thread(fb_thread, NULL);
+    }
+    if (cfg.clock) {
+        start_thread(clock_thread, NULL);
     }
     for (i = 1; i < nworkers; i++) {
         start_thread(worker_thread, &workers[i]);
