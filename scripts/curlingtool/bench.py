@@ -730,8 +730,7 @@ def summarise(windows: list[Window], memcpy_bw: float = 0.0
                 w.ack_ms for w in ws if w.ack_ms is not None]) else None),
             "vcpu_share": thread_share(ws, "vcpu"),
             "migration_share": thread_share(ws, "migration"),
-            "clock_ppm": (statistics.median(drifts) if (drifts := [
-                w.clock_ppm for w in ws if w.clock_ppm is not None]) else None),
+            "clock_ppm": median_clock_ppm(ws),
             "windows": len(ws),
         }
         if phases:
@@ -750,12 +749,16 @@ def summarise(windows: list[Window], memcpy_bw: float = 0.0
     return rows
 
 
+def median_clock_ppm(windows: Iterable[Window]) -> Optional[float]:
+    """Median clock drift of the windows that measured it."""
+    drifts = [w.clock_ppm for w in windows if w.clock_ppm is not None]
+    return statistics.median(drifts) if drifts else None
+
+
 def unprotected_clock_ppm(windows: list[Window]) -> Optional[float]:
     """Median clock drift of the unprotected windows: the noise floor of
     the guest clock column."""
-    drifts = [w.clock_ppm for w in windows
-              if w.system == "none" and w.clock_ppm is not None]
-    return statistics.median(drifts) if drifts else None
+    return median_clock_ppm(w for w in windows if w.system == "none")
 
 
 def thread_share(ws: list[Window], kind: str) -> Optional[float]:

@@ -708,28 +708,45 @@ static void start_thread(void *(*fn)(void *), void *arg)
 }
 
 /*
+ * The page frame number of the virtual page @vpn, read from @fd (this
+ * process's /proc/self/pagemap): 1 and *@pfn when the page is present,
+ * 0 when it is not, -1 when the entry cannot be read.
+ */
+static int page_frame(int fd, uint64_t vpn, uint64_t *pfn)
+{
+    uint64_t entry;
+
+    if (pread(fd, &entry, sizeof(entry), vpn * sizeof(entry)) !=
+        sizeof(entry)) {
+        return -1;
+    }
+    if (!(entry >> 63)) {                   /* not present */
+        return 0;
+    }
+    *pfn = entry & ((1ULL << 55) - 1);
+    return 1;
+}
+
+/*
  * Highest guest-physical address, in MiB, of the pages of @buf (@npages
  * pages), from /proc/self/pagemap; -1 if unknown.
  */
 static long highest_phys_mib(const void *buf, uint64_t npages)
 {
-    uint64_t i, top = 0;
+    uint64_t i, pfn, top = 0;
     int fd = open("/proc/self/pagemap", O_RDONLY);
 
     if (fd < 0) {
         return -1;
     }
     for (i = 0; i < npages; i++) {
-        uint64_t entry, vpn = (uintptr_t)buf / PAGE_SIZE + i;
+        int present = page_frame(fd, (uintptr_t)buf / PAGE_SIZE + i, &pfn);
 
-        if (pread(fd, &entry, sizeof(entry), vpn * sizeof(entry)) !=
-            sizeof(entry)) {
+        if (present < 0) {
             close(fd);
             return -1;
         }
-        if (entry >> 63) {                  /* present */
-            uint64_t pfn = entry & ((1ULL << 55) - 1);
-
+        if (present) {
             top = pfn > top ? pfn : top;
         }
     }
@@ -1512,19 +1529,16 @@ static void *fb_thread(void *opaque)
 /* Guest-physical address of the page at @p, or 0 when it is not present. */
 static uint64_t phys_addr(const void *p)
 {
-    uint64_t entry = 0, vpn = (uintptr_t)p / PAGE_SIZE;
     int fd = open("/proc/self/pagemap", O_RDONLY);
-    ssize_t n;
+    uint64_t pfn;
+    int present;
 
     if (fd < 0) {
         return 0;
     }
-    n = pread(fd, &entry, sizeof(entry), vpn * sizeof(entry));
+    present = page_frame(fd, (uintptr_t)p / PAGE_SIZE, &pfn);
     close(fd);
-    if (n != sizeof(entry) || !(entry >> 63)) {
-        return 0;
-    }
-    return (entry & ((1ULL << 55) - 1)) * PAGE_SIZE;
+    return present > 0 ? pfn * PAGE_SIZE : 0;
 }
 
 static void *clock_thread(void *opaque)
