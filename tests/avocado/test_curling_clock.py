@@ -1,0 +1,93 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The guest's clock keeps real time while protected and across failover."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from curling_test import CurlingTest, curling_info, wait_until
+from curlingtool.bench import clock_drift_ppm
+from curlingtool.vm import VM, parse_clock_page, parse_xp_u64
+
+# What ntpd can slew away (ppm); the guest must keep within it
+MAX_DRIFT_PPM = 500
+# How far behind real time a failed-over guest may be (ms): the age of
+# the last committed checkpoint when it was received, not the wait for
+# the sender's silence (curling-timeout, 1000 ms)
+MAX_LAG_MS = 100
+
+
+class CurlingClock(CurlingTest):
+    """
+    :avocado: tags=arch:x86_64,curling,clock
+    """
+
+    @staticmethod
+    def read_clock(vm: VM, phys: int) -> tuple[int, float]:
+        """The guest's CLOCK_MONOTONIC (ns) from its clock page, and the
+        host's monotonic time (s) halfway through the read."""
+        before = time.monotonic()
+        text = vm.qmp("human-monitor-command",
+                      command_line=f"xp /1gx {phys:#x}")
+        return parse_xp_u64(text), (before + time.monotonic()) / 2
+
+    def test_guest_clock_keeps_time(self) -> None:
+        """Checkpointed as often as output can start checkpoints (four
+        request/response connections, curling-interval 25 ms), the guest's
+        monotonic clock keeps real time within 500 ppm.  When the sender
+        freezes (SIGSTOP, as a host that dies without closing its
+        connections), the receiver takes over once curling-timeout has
+        passed; the guest is then behind real time by no more than the age
+        of the last checkpoint, not by the timeout, and runs at real speed.  ``clock_seconds``
+        (default 30) sets the measuring window; 600 is the 10-minute soak."""
+        seconds = float(self.params.get("clock_seconds", default=30))
+        append = self.NET_APPEND + " curling.clock=1"
+        sender, receiver, uri = self.launch_net_pair(append=append)
+        sender.wait_tick(3, timeout=120)
+        phys = wait_until(lambda: parse_clock_page(sender.console()), 60,
+                          "the guest's clock page", 0.2)
+        client = self.net_client("rr", connections=4)
+        self.wait_client(client, 100)
+        self.protect(sender, receiver, uri, curling_interval=25)
+        self.wait_checkpoints(sender, 20)
+
+        before = curling_info(sender)
+        c0 = self.read_clock(sender, phys)
+        time.sleep(seconds)
+        c1 = self.read_clock(sender, phys)
+        after = curling_info(sender)
+        drift = clock_drift_ppm(c0, c1)
+        rate = (after["checkpoints"] - before["checkpoints"]) / (c1[1] - c0[1])
+        by_output = (after["output-checkpoints"]
+                     - before["output-checkpoints"])
+        self.log.info("protected for %.0f s: %.1f checkpoints/s (%d started "
+                      "by output), guest clock %+.0f ppm", c1[1] - c0[1],
+                      rate, by_output, drift)
+        self.assertGreater(by_output, 0, "no checkpoint started by output")
+        self.assertLess(abs(drift), MAX_DRIFT_PPM,
+                        f"guest clock drift at {rate:.1f} checkpoints/s")
+
+        # A host that dies without a word: the receiver waits out
+        # curling-timeout before it takes over
+        c2 = self.read_clock(sender, phys)
+        os.kill(sender.pid, signal.SIGSTOP)
+        wait_until(lambda: self.failovers(receiver), 30, "failover", 0.05)
+        sender.kill()
+        # The page holds what the guest wrote last: let it run a moment
+        time.sleep(1)
+        c3 = self.read_clock(receiver, phys)
+        lag_ms = ((c3[1] - c2[1]) - (c3[0] - c2[0]) / 1e9) * 1000
+        self.log.info("across failover the guest's clock fell behind real "
+                      "time by %.1f ms", lag_ms)
+        self.assertLess(lag_ms, MAX_LAG_MS,
+                        "the failed-over guest's clock is behind real time")
+        time.sleep(10)
+        c4 = self.read_clock(receiver, phys)
+        drift = clock_drift_ppm(c3, c4)
+        self.log.info("after failover: guest clock %+.0f ppm over 10 s", drift)
+        self.assertLess(abs(drift), MAX_DRIFT_PPM,
+                        "the failed-over guest's clock runs off real time")
+        st = client.stop()
+        self.assertEqual(st["errors"], [], "rr client")
