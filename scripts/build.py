@@ -3,7 +3,7 @@
 """Build Curling: pinned upstream QEMU + patches/ -> build/bin/qemu-system-x86_64.
 
     python3 scripts/build.py            everything: deps, fetch, apply,
-                                        configure, build, guest
+                                        configure, build, guest, image
     python3 scripts/build.py COMMAND    one stage (see --help)
 
 Runs with a bare system python3: the standard library is enough to set
@@ -236,6 +236,16 @@ def cmd_guest(args: argparse.Namespace) -> None:
     log.info("guest: kernel %s, initrd %s", image.kernel, image.initrd)
 
 
+def cmd_image(args: argparse.Namespace) -> None:
+    from curlingtool import CurlingError
+    from curlingtool import debimage
+    try:
+        image = debimage.build_image(REPO, args.debian_mirror)
+    except debimage.GuestError as exc:
+        raise CurlingError(f"image: {exc}") from None
+    log.info("image: %s (kernel %s)", image.disk, image.kernel)
+
+
 def cmd_clean(args: argparse.Namespace) -> None:
     from curlingtool import CurlingError
     doomed = [QEMU_BUILD, BIN, LOGS]
@@ -268,10 +278,13 @@ def cmd_all(args: argparse.Namespace) -> None:
     cmd_build(args)
     log.info("==> guest")
     cmd_guest(args)
+    log.info("==> image")
+    cmd_image(args)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], Any], str]] = {
-    "all": (cmd_all, "everything: deps, fetch, apply, configure, build, guest (default)"),
+    "all": (cmd_all, "everything: deps, fetch, apply, configure, build, guest, image "
+                     "(default)"),
     "deps": (cmd_deps, "install missing Debian packages (check only with --no-system-deps)"),
     "fetch": (cmd_fetch, "obtain and verify the pinned QEMU source"),
     "apply": (cmd_apply, "create/update build/qemu: upstream commit + one commit per patch"),
@@ -280,6 +293,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], Any], str]] = {
     "export": (cmd_export, "write the commits of build/qemu back to patches/ and series"),
     "check": (cmd_check, "scripts/checkpatch.pl on every patch (--bisect: build each step)"),
     "guest": (cmd_guest, "build the test guest (kernel + initramfs) under build/guest"),
+    "image": (cmd_image, "build the Debian application guest (PostgreSQL, nginx) "
+                         "under build/debian"),
     "clean": (cmd_clean, "remove build outputs (--all: all of build/ but downloads/)"),
 }
 

@@ -6,6 +6,7 @@
 - patchqueue: patches/series I/O, apply into build/qemu, export back
 - qemubuild:  configure and build QEMU with meson/ninja
 - guest:      the test guest image (kernel + initramfs)
+- debimage:   the Debian application guest (PostgreSQL, nginx)
 
 Library code raises CurlingError subclasses; only scripts/build.py turns
 them into a one-line message and exit code 1.

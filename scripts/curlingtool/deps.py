@@ -42,7 +42,10 @@ PACKAGES: tuple[tuple[str, str], ...] = (
     # network tests: namespace, bridge, taps (ip, bridge)
     ("iproute2", "network namespaces, bridges and taps of the network tests"),
     # disk tests: an ext4 image made and checked on the host
-    ("e2fsprogs", "mkfs.ext4 and e2fsck of the disk tests"),
+    ("e2fsprogs", "mkfs.ext4 and e2fsck of the disk tests and the Debian image"),
+    # application guest: a Debian 12 image with PostgreSQL and nginx
+    ("debootstrap", "installs the Debian application guest's system"),
+    ("debian-archive-keyring", "debootstrap checks the Debian archive with it"),
     # arbitration tests: a throw-away etcd as the agents' witness
     ("etcd-server", "the etcd witness of the arbitration tests"),
     # TLS tests and benchmark: a test CA and certificates (certtool)

@@ -167,16 +167,19 @@ def netdev_args(tap: str, model: str = "virtio-net-pci",
 
 
 class NetClient:
-    """A ``curlingtool.netclient`` running in ``lab``'s namespace."""
+    """A ``curlingtool.netclient`` (or another ``module`` with its command
+    line and status file, ``curlingtool.appclient``) running in ``lab``'s
+    namespace; ``extra`` are more of its options."""
 
     def __init__(self, lab: NetLab, mode: str, status: pathlib.Path,
                  connections: int = 1, seconds: float = 0.0,
-                 rcvbuf: int = 0) -> None:
+                 rcvbuf: int = 0, module: str = "curlingtool.netclient",
+                 extra: tuple[str, ...] = ()) -> None:
         self.status_path = status
         scripts = pathlib.Path(__file__).resolve().parent.parent
-        argv = [sys.executable, "-m", "curlingtool.netclient",
+        argv = [sys.executable, "-m", module,
                 "--host", GUEST_IP, "--mode", mode, "--status", str(status),
-                "--connections", str(connections)]
+                "--connections", str(connections), *extra]
         if seconds:
             argv += ["--seconds", str(seconds)]
         if rcvbuf:

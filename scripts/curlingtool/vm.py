@@ -23,7 +23,7 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Any, Callable, Iterable, Optional, TypeVar
+from typing import Any, Callable, Iterable, Optional, Protocol, TypeVar
 
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -32,6 +32,18 @@ from . import CurlingError
 from .guest import GuestError, GuestImage, build_guest
 
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
+
+
+class Bootable(Protocol):
+    """A guest QEMU boots with -kernel and -initrd (GuestImage,
+    DebianImage)."""
+
+    @property
+    def kernel(self) -> pathlib.Path: ...
+
+    @property
+    def initrd(self) -> pathlib.Path: ...
+
 
 TICK_RE = re.compile(
     r"curling: tick=(?P<n>\d+) work=(?P<work>\d+) pages=(?P<pages>\d+) "
@@ -457,15 +469,18 @@ class VM:
         return wait_until(found, timeout, f"{count} ticks on {self.name}", 0.2)
 
 
-def guest_args(qemu: os.PathLike[str] | str, guest: GuestImage, name: str, *,
+def guest_args(qemu: os.PathLike[str] | str, guest: Bootable, name: str, *,
                accel: str, console: pathlib.Path, qmp_path: pathlib.Path,
                incoming: Optional[str] = None, mem: str = "256M",
                machine: str = "pc",
                append: str = "curling.mode=dirty curling.rate=1",
                extra_args: Iterable[str] = (),
                smp: int = 1, defaults: bool = False,
-               console_chardev: Optional[str] = None) -> list[str]:
-    """Command line of a QEMU running the test guest.
+               console_chardev: Optional[str] = None,
+               cmdline: str = KERNEL_CMDLINE) -> list[str]:
+    """Command line of a QEMU running the test guest (or another
+    ``guest``'s kernel and initramfs, with ``cmdline`` before ``append``:
+    the application guest).
 
     The serial console goes to the file ``console`` (or to the chardev
     ``console_chardev``, e.g. ``socket,host=...,server=on,wait=off``,
@@ -492,7 +507,7 @@ def guest_args(qemu: os.PathLike[str] | str, guest: GuestImage, name: str, *,
         *(() if defaults else ("-nic", "none")),
         "-kernel", str(guest.kernel),
         "-initrd", str(guest.initrd),
-        "-append", f"{KERNEL_CMDLINE} {append}".strip(),
+        "-append", f"{cmdline} {append}".strip(),
         "-chardev", (f"{console_chardev},id=serial0,logfile={console}"
                      if console_chardev else
                      f"file,id=serial0,path={console}"),

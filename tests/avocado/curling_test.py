@@ -53,7 +53,8 @@ from curlingtool.guest import GuestError, GuestImage, build_guest  # noqa: E402
 from curlingtool.netlab import (GUEST_IP, GUEST_MAC, PREFIX,  # noqa: E402
                                 NetClient, NetLab, NetLabError,
                                 check_available, netdev_args)
-from curlingtool.vm import (VM, DeviceReport, DiskCheck,  # noqa: E402,F401
+from curlingtool.vm import (KERNEL_CMDLINE, VM,  # noqa: E402,F401
+                            Bootable, DeviceReport, DiskCheck,
                             Tick, VMDied,
                             WaitTimeout, die_with_parent, free_tcp_port,
                             guest_args,
@@ -270,7 +271,9 @@ class CurlingTest(avocado.Test):
                  cpu_affinity: Optional[Iterable[int]] = None,
                  smp: int = 1, defaults: bool = False,
                  netns: bool = False,
-                 console_chardev: Optional[str] = None) -> VM:
+                 console_chardev: Optional[str] = None,
+                 guest: Optional[Bootable] = None,
+                 cmdline: str = KERNEL_CMDLINE) -> VM:
         stem = name
         n = 2
         while (self.logdir_path / f"{stem}-console.log").exists():
@@ -281,12 +284,12 @@ class CurlingTest(avocado.Test):
         assert self._tmpdir is not None
         qmp_path = self._tmpdir / f"{stem}.qmp"
         console.touch()
-        args = guest_args(self.qemu_bin, self.guest, name, accel=accel,
-                          console=console, qmp_path=qmp_path,
+        args = guest_args(self.qemu_bin, guest or self.guest, name,
+                          accel=accel, console=console, qmp_path=qmp_path,
                           incoming=incoming, mem=mem, machine=machine,
                           append=append, extra_args=extra_args,
                           smp=smp, defaults=defaults,
-                          console_chardev=console_chardev)
+                          console_chardev=console_chardev, cmdline=cmdline)
         if netns:
             args = self.netlab().wrap(args)
         return VM(name, args, console, qemu_log, qmp_path, self.log,
@@ -299,7 +302,9 @@ class CurlingTest(avocado.Test):
                   cpu_affinity: Optional[Iterable[int]] = None,
                   smp: int = 1, defaults: bool = False,
                   netns: bool = False,
-                  console_chardev: Optional[str] = None) -> VM:
+                  console_chardev: Optional[str] = None,
+                  guest: Optional[Bootable] = None,
+                  cmdline: str = KERNEL_CMDLINE) -> VM:
         """Start a QEMU running the test guest; returns once QMP is up.
 
         Sender and receiver of a migration must be launched with the same
@@ -309,7 +314,8 @@ class CurlingTest(avocado.Test):
         ``defaults`` keeps the machine's default devices (see
         ``guest_args``). ``netns`` runs it inside ``netlab()``.
         ``console_chardev`` puts the serial console on that chardev (see
-        ``guest_args``).
+        ``guest_args``). ``guest`` and ``cmdline`` boot another kernel and
+        initramfs than the test guest's (the application guest).
         """
         if name in self.vms and self.vms[name].is_running():
             raise ValueError(f"a VM called {name} is already running")
@@ -317,7 +323,8 @@ class CurlingTest(avocado.Test):
                            machine=machine, append=append,
                            extra_args=extra_args, cpu_affinity=cpu_affinity,
                            smp=smp, defaults=defaults, netns=netns,
-                           console_chardev=console_chardev)
+                           console_chardev=console_chardev, guest=guest,
+                           cmdline=cmdline)
         self.vms[name] = vm
         vm.launch()
         return vm

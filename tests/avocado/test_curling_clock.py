@@ -40,9 +40,10 @@ class CurlingClock(CurlingTest):
         freezes (SIGSTOP, as a host that dies without closing its
         connections), the receiver takes over once curling-timeout has
         passed; the guest is then behind real time by no more than the age
-        of the last checkpoint, not by the timeout, and runs at real speed.  ``clock_seconds``
-        (default 30) sets the measuring window; 600 is the 10-minute soak."""
-        seconds = float(self.params.get("clock_seconds", default=30))
+        of the last checkpoint, not by the timeout, and runs at real speed.
+        ``CURLING_CLOCK_SECONDS`` (default 30) sets the measuring window;
+        600 is the 10-minute soak."""
+        seconds = float(os.environ.get("CURLING_CLOCK_SECONDS", "30"))
         append = self.NET_APPEND + " curling.clock=1"
         sender, receiver, uri = self.launch_net_pair(append=append)
         sender.wait_tick(3, timeout=120)
