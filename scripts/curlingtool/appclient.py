@@ -26,12 +26,13 @@ import argparse
 import hashlib
 import http.client
 import json
-import os
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
+
+from .netclient import stop_when_stdin_closes, write_status_file
 
 PG_PORT = 5432
 PG_USER = "postgres"
@@ -259,13 +260,7 @@ def run(host: str, mode: str, status_path: str, seconds: float,
         t.daemon = True
         t.start()
 
-    def watch_stdin() -> None:
-        try:
-            sys.stdin.read()
-        finally:
-            stop.set()
-
-    threading.Thread(target=watch_stdin, daemon=True).start()
+    stop_when_stdin_closes(stop)
     started = time.monotonic()
 
     def write_status(done: bool) -> None:
@@ -286,10 +281,7 @@ def run(host: str, mode: str, status_path: str, seconds: float,
                 st.update(result)
                 st["errors"] = list(result.get("errors", []))
                 st["errors"] += list(result.get("problems", []))
-        tmp = status_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(st, f)
-        os.replace(tmp, status_path)
+        write_status_file(status_path, st)
 
     while not stop.is_set():
         if seconds and time.monotonic() - started >= seconds:

@@ -34,14 +34,13 @@ import logging
 import os
 import pathlib
 import random
-import re
 import shutil
 import subprocess
 import tempfile
 import time
-from typing import Sequence
 
-from .guest import AptError, GuestError, resolve_debs, sha256_file
+from .guest import (AptError, GuestError, point_current, prune,
+                    resolve_debs, run_command, sha256_file)
 
 logger = logging.getLogger(__name__)
 
@@ -105,21 +104,6 @@ class DebianImage:
     @property
     def append(self) -> str:
         return KERNEL_APPEND
-
-
-def _run(argv: Sequence[str], what: str, **kwargs: object
-         ) -> subprocess.CompletedProcess[str]:
-    logger.debug("running %s", " ".join(argv))
-    try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True,
-                              check=False, **kwargs)  # type: ignore[call-overload]
-    except FileNotFoundError as exc:
-        raise ImageError(f"{what}: {argv[0]} not found") from exc
-    if proc.returncode != 0:
-        detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
-        last = detail[-1] if detail else f"exit code {proc.returncode}"
-        raise ImageError(f"{what}: {last}")
-    return proc
 
 
 def big_file_bytes(size: int = BIG_FILE_SIZE,
@@ -245,25 +229,6 @@ def _load_cached(directory: pathlib.Path, digest: str) -> DebianImage | None:
     return image
 
 
-def _point_current(image_root: pathlib.Path, digest: str) -> None:
-    current = image_root / "current"
-    if current.is_symlink() and os.readlink(current) == digest:
-        return
-    tmp = image_root / f".current.{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(digest)
-    os.replace(tmp, current)
-
-
-def _prune(image_root: pathlib.Path, keep: str) -> None:
-    for entry in image_root.iterdir():
-        if entry.is_dir() and not entry.is_symlink() and entry.name != keep \
-                and re.fullmatch(r"\.?[0-9a-f]{16}(\..*)?", entry.name):
-            logger.info("removing stale Debian image %s", entry.name)
-            shutil.rmtree(entry, ignore_errors=True)
-
-
 def find_image(repo_root: pathlib.Path) -> DebianImage | None:
     """The image ``build_image`` made last, without checking apt."""
     current = pathlib.Path(repo_root) / "build" / "debian" / "current"
@@ -294,7 +259,7 @@ def build_image(repo_root: pathlib.Path,
         image = _load_cached(directory, digest)
         if image is not None:
             logger.debug("Debian image %s is up to date", digest)
-            _point_current(image_root, digest)
+            point_current(image_root, digest)
             return image
 
         cache = build / "downloads" / "debootstrap"
@@ -307,12 +272,21 @@ def build_image(repo_root: pathlib.Path,
             started = time.monotonic()
             logger.info("building Debian image %s: debootstrap %s from %s "
                         "(a few minutes)", digest, SUITE, mirror)
-            _run(["debootstrap", "--variant=minbase",
-                  f"--include={','.join(PACKAGES)}",
-                  f"--keyring={KEYRING}", f"--cache-dir={cache}",
-                  SUITE, str(root), mirror],
-                 what="debootstrap failed (see debootstrap.log in the tree)",
-                 env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            try:
+                run_command(["debootstrap", "--variant=minbase",
+                             f"--include={','.join(PACKAGES)}",
+                             f"--keyring={KEYRING}", f"--cache-dir={cache}",
+                             SUITE, str(root), mirror],
+                            what="debootstrap failed", error=ImageError,
+                            env={**os.environ,
+                                 "DEBIAN_FRONTEND": "noninteractive"})
+            except ImageError as exc:
+                log = root / "debootstrap" / "debootstrap.log"
+                if log.is_file():
+                    kept = image_root / "debootstrap.log"
+                    shutil.copyfile(log, kept)
+                    raise ImageError(f"{exc} (its log: {kept})") from None
+                raise
             logger.info("debootstrap done in %.0f s",
                         time.monotonic() - started)
             unmount_all(root)
@@ -322,8 +296,9 @@ def build_image(repo_root: pathlib.Path,
             disk = work / IMAGE_NAME
             with disk.open("wb") as f:
                 f.truncate(IMAGE_SIZE)
-            _run(["mkfs.ext4", "-q", "-F", "-L", "curling-debian",
-                  "-d", str(root), str(disk)], what="mkfs.ext4 -d failed")
+            run_command(["mkfs.ext4", "-q", "-F", "-L", "curling-debian",
+                         "-d", str(root), str(disk)],
+                        what="mkfs.ext4 -d failed", error=ImageError)
             shutil.rmtree(root)
             manifest = {
                 "content_hash": digest,
@@ -347,8 +322,8 @@ def build_image(repo_root: pathlib.Path,
                 # never delete through a mount left in the tree
                 unmount_all(work)
                 shutil.rmtree(work, ignore_errors=True)
-        _point_current(image_root, digest)
-        _prune(image_root, keep=digest)
+        point_current(image_root, digest)
+        prune(image_root, keep=digest)
         logger.info("Debian image ready in %.0f s: %s",
                     time.monotonic() - started, directory)
         image = _load_cached(directory, digest)
@@ -358,8 +333,8 @@ def build_image(repo_root: pathlib.Path,
 
 def copy_image(image: DebianImage, dest: pathlib.Path) -> pathlib.Path:
     """A private, sparse copy of the image's disk for one QEMU."""
-    _run(["cp", "--sparse=always", str(image.disk), str(dest)],
-         what=f"copying {image.disk.name}")
+    run_command(["cp", "--sparse=always", str(image.disk), str(dest)],
+                what=f"copying {image.disk.name}", error=ImageError)
     return dest
 
 

@@ -119,13 +119,16 @@ class DebRef:
     sha256: str
 
 
-def _run(argv: Sequence[str], *, cwd: pathlib.Path | None = None,
-         what: str, error: type[GuestError] = GuestError
-         ) -> subprocess.CompletedProcess[str]:
+def run_command(argv: Sequence[str], *, cwd: pathlib.Path | None = None,
+                env: Mapping[str, str] | None = None, what: str,
+                error: type[GuestError] = GuestError
+                ) -> subprocess.CompletedProcess[str]:
+    """Run a build step; a failure raises ``error`` with ``what`` and the
+    step's last line of output."""
     logger.debug("running %s", " ".join(argv))
     try:
-        proc = subprocess.run(list(argv), cwd=cwd, capture_output=True,
-                              text=True, check=False)
+        proc = subprocess.run(list(argv), cwd=cwd, env=env,
+                              capture_output=True, text=True, check=False)
     except FileNotFoundError as exc:
         raise error(f"{what}: {argv[0]} not found") from exc
     if proc.returncode != 0:
@@ -144,10 +147,11 @@ def resolve_debs(*specs: str) -> list[DebRef]:
 
     Each spec is a package name, optionally ``name=version``.
     """
-    proc = _run(["apt-get", "download", "--print-uris", *specs],
-                what=f"apt cannot resolve {' '.join(specs)} "
-                     "(is the package index current? run apt-get update)",
-                error=AptError)
+    proc = run_command(["apt-get", "download", "--print-uris", *specs],
+                       what=f"apt cannot resolve {' '.join(specs)} "
+                            "(is the package index current? run apt-get "
+                            "update)",
+                       error=AptError)
     found: dict[str, DebRef] = {}
     for line in proc.stdout.splitlines():
         m = _PRINT_URI_RE.match(line.strip())
@@ -185,8 +189,8 @@ def fetch_deb(ref: DebRef, downloads: pathlib.Path) -> pathlib.Path:
                        path.name)
         path.unlink()
     logger.info("downloading %s (%.1f MB)", ref.filename, ref.size / 1e6)
-    _run(["apt-get", "download", ref.spec], cwd=downloads,
-         what=f"apt-get download {ref.spec} failed", error=AptError)
+    run_command(["apt-get", "download", ref.spec], cwd=downloads,
+                what=f"apt-get download {ref.spec} failed", error=AptError)
     if not path.exists():
         raise AptError(f"apt-get download {ref.spec} did not leave {ref.filename}")
     actual = sha256_file(path)
@@ -198,9 +202,9 @@ def fetch_deb(ref: DebRef, downloads: pathlib.Path) -> pathlib.Path:
 
 
 def deb_field(deb: pathlib.Path, field: str) -> str:
-    proc = _run(["dpkg-deb", "-f", str(deb), field],
-                what=f"cannot read {field} of {deb.name}",
-                error=PackageContentError)
+    proc = run_command(["dpkg-deb", "-f", str(deb), field],
+                       what=f"cannot read {field} of {deb.name}",
+                       error=PackageContentError)
     return proc.stdout.strip()
 
 
@@ -419,8 +423,8 @@ def extract_modules(deb: pathlib.Path, wanted: Sequence[str]
 def compile_workload(source: pathlib.Path, output: pathlib.Path) -> None:
     argv = ["gcc", *CFLAGS, "-o", str(output), str(source)]
     logger.info("compiling %s", source.name)
-    _run(argv, what=f"cannot compile {source.name} "
-                    "(needs gcc and libc6-dev)", error=CompileError)
+    run_command(argv, what=f"cannot compile {source.name} "
+                           "(needs gcc and libc6-dev)", error=CompileError)
 
 
 class _Cpio:
@@ -528,23 +532,26 @@ def _load_cached(directory: pathlib.Path, content_hash: str) -> GuestImage | Non
                       directory=directory, content_hash=content_hash)
 
 
-def _point_current(guest_root: pathlib.Path, content_hash: str) -> None:
-    current = guest_root / "current"
+def point_current(root: pathlib.Path, content_hash: str) -> None:
+    """Make ``root/current`` point at the build ``content_hash``
+    (atomically: a reader sees the old build or the new one)."""
+    current = root / "current"
     if current.is_symlink() and os.readlink(current) == content_hash:
         return
-    tmp = guest_root / f".current.{os.getpid()}"
+    tmp = root / f".current.{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     tmp.symlink_to(content_hash)
     os.replace(tmp, current)
 
 
-def _prune(guest_root: pathlib.Path, keep: str) -> None:
-    """Remove guests built from older inputs."""
-    for entry in guest_root.iterdir():
+def prune(root: pathlib.Path, keep: str) -> None:
+    """Remove the builds under ``root`` made from older inputs, and
+    unfinished ones (``.<hash>.*``)."""
+    for entry in root.iterdir():
         if entry.is_dir() and not entry.is_symlink() and entry.name != keep \
                 and re.fullmatch(r"\.?[0-9a-f]{16}(\..*)?", entry.name):
-            logger.debug("removing stale guest %s", entry.name)
+            logger.info("removing stale build %s", entry)
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -577,7 +584,7 @@ def build_guest(repo_root: pathlib.Path) -> GuestImage:
         image = _load_cached(directory, content_hash)
         if image is not None:
             logger.debug("guest %s is up to date", content_hash)
-            _point_current(guest_root, content_hash)
+            point_current(guest_root, content_hash)
             return image
 
         logger.info("building guest %s (kernel %s)", content_hash, kernel_ref.spec)
@@ -633,8 +640,8 @@ def build_guest(repo_root: pathlib.Path) -> GuestImage:
         finally:
             if work.exists():
                 shutil.rmtree(work)
-        _point_current(guest_root, content_hash)
-        _prune(guest_root, keep=content_hash)
+        point_current(guest_root, content_hash)
+        prune(guest_root, keep=content_hash)
         logger.info("guest ready: %s", directory)
         return GuestImage(kernel=directory / KERNEL_NAME,
                           initrd=directory / INITRD_NAME,

@@ -291,6 +291,26 @@ def _udp(host: str, checker: UDPChecker, stop: _Stop) -> None:
         checker.datagram(data, time.monotonic())
 
 
+def stop_when_stdin_closes(stop: threading.Event) -> None:
+    """Set ``stop`` once stdin closes: the test that started the client
+    (``NetClient.stop()``) or the test process itself is gone."""
+    def watch() -> None:
+        try:
+            sys.stdin.read()
+        finally:
+            stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def write_status_file(path: str, status: dict[str, Any]) -> None:
+    """Replace the status file at once: a reader sees the old or the new."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(status, f)
+    os.replace(tmp, path)
+
+
 def run(host: str, mode: str, status_path: str, seconds: float,
         connections: int = 1, connect_timeout: float = 120.0,
         rcvbuf: int = 0) -> int:
@@ -326,13 +346,7 @@ def run(host: str, mode: str, status_path: str, seconds: float,
         t.daemon = True
         t.start()
 
-    def watch_stdin() -> None:
-        try:
-            sys.stdin.read()
-        finally:
-            stop.event.set()
-
-    threading.Thread(target=watch_stdin, daemon=True).start()
+    stop_when_stdin_closes(stop.event)
     started = time.monotonic()
 
     def write_status(done: bool) -> None:
@@ -340,10 +354,7 @@ def run(host: str, mode: str, status_path: str, seconds: float,
             st = checker.status()
         st.update(mode=mode, done=done, fatal=list(stop.fatal),
                   elapsed=round(time.monotonic() - started, 3))
-        tmp = status_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(st, f)
-        os.replace(tmp, status_path)
+        write_status_file(status_path, st)
 
     while not stop.event.is_set():
         if seconds and time.monotonic() - started >= seconds:
