@@ -57,9 +57,11 @@ PACKAGES: tuple[str, ...] = (
     "systemd-sysv", "udev", "linux-image-amd64", "initramfs-tools",
     "iproute2", "procps", "dbus", "postgresql", "nginx",
 )
-#: systemd units enabled in the image (networkd gives eth0 its address)
+#: systemd units enabled in the image (networkd gives eth0 its address;
+#: ours says on the serial console once PostgreSQL accepts connections)
 ENABLE_UNITS: tuple[tuple[str, str], ...] = (
     ("systemd-networkd.service", "multi-user.target.wants"),
+    ("curling-ready.service", "multi-user.target.wants"),
 )
 #: Timers that would start work of their own in the middle of a test
 MASK_UNITS: tuple[str, ...] = (
@@ -144,7 +146,8 @@ def _customize(root: pathlib.Path, overlay: pathlib.Path) -> str:
         dst.chmod(0o644)
     units = root / "etc/systemd/system"
     for unit, wants in ENABLE_UNITS:
-        target = next((d / unit for d in (root / "lib/systemd/system",
+        target = next((d / unit for d in (root / "etc/systemd/system",
+                                          root / "lib/systemd/system",
                                           root / "usr/lib/systemd/system")
                        if (d / unit).exists()), None)
         if target is None:

@@ -29,8 +29,8 @@ from curlingtool.vm import VM
 MEM = "1G"
 SMP = 2
 MACHINE = "q35"
-#: systemd's line once every service of the image runs
-READY = r"Reached target .*multi-user\.target"
+#: The image's curling-ready.service, once PostgreSQL accepts connections
+READY = "curling-debian: ready"
 BOOT_TIMEOUT = 400
 #: Transactions clients commit after each failover before the next step
 AFTER_FAILOVER = 40
@@ -122,10 +122,13 @@ class CurlingDebian(CurlingTest):
         sender.kill(signal.SIGKILL)
         event = receiver.wait_event("CURLING_FAILOVER", timeout=30)
         self.log.info("%s: sender killed after %.2f s (committed %d; %d "
-                      "checkpoints, %d started by output, mean %.1f MB, "
+                      "checkpoints, %d started by output, mean %.1f MB of "
+                      "which disk %.2f MB, pause %.2f ms, cycle %.2f ms, "
                       "released %d packets); resumed seq %d after %.3f s",
                       label, hold, committed, info["checkpoints"],
                       info["output-checkpoints"], info["mean-bytes"] / 1e6,
+                      info.get("disk-mean-bytes", 0) / 1e6,
+                      info.get("mean-pause", 0), info.get("mean-duration", 0),
                       info["released-packets"], event["data"]["sequence"],
                       event_time(event) - t_kill)
         self.assertGreaterEqual(event["data"]["sequence"], committed)
