@@ -140,7 +140,7 @@ def read_table(conn: Any) -> tuple[dict[int, tuple[int, int, int]],
 
 
 def _pg(host: str, state: TxState, stop: threading.Event,
-        lock: threading.Lock, fatal: list[str]) -> None:
+        lock: threading.Lock) -> None:
     try:
         conn = connect(host)
         pid, postmaster = conn.run(
@@ -250,7 +250,7 @@ def run(host: str, mode: str, status_path: str, seconds: float,
                 state = TxState(client)
                 states.append(state)
                 threads.append(threading.Thread(
-                    target=_pg, args=(host, state, stop, lock, fatal)))
+                    target=_pg, args=(host, state, stop, lock)))
     elif mode == "http":
         threads.append(threading.Thread(
             target=_http, args=(host, path, rate, result, stop, lock)))

@@ -39,6 +39,7 @@ import subprocess
 import tempfile
 import time
 
+from .deps import sbin
 from .guest import (AptError, GuestError, point_current, prune,
                     resolve_debs, run_command, sha256_file)
 
@@ -276,7 +277,7 @@ def build_image(repo_root: pathlib.Path,
             logger.info("building Debian image %s: debootstrap %s from %s "
                         "(a few minutes)", digest, SUITE, mirror)
             try:
-                run_command(["debootstrap", "--variant=minbase",
+                run_command([sbin("debootstrap"), "--variant=minbase",
                              f"--include={','.join(PACKAGES)}",
                              f"--keyring={KEYRING}", f"--cache-dir={cache}",
                              SUITE, str(root), mirror],
@@ -299,7 +300,7 @@ def build_image(repo_root: pathlib.Path,
             disk = work / IMAGE_NAME
             with disk.open("wb") as f:
                 f.truncate(IMAGE_SIZE)
-            run_command(["mkfs.ext4", "-q", "-F", "-L", "curling-debian",
+            run_command([sbin("mkfs.ext4"), "-q", "-F", "-L", "curling-debian",
                          "-d", str(root), str(disk)],
                         what="mkfs.ext4 -d failed", error=ImageError)
             shutil.rmtree(root)

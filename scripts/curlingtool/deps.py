@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -63,6 +64,12 @@ Runner = Callable[..., subprocess.CompletedProcess]
 
 class MissingDependencyError(CurlingError):
     """Debian packages are missing and could not be (or may not be) installed."""
+
+
+def sbin(tool: str) -> str:
+    """A system tool of /usr/sbin (e2fsprogs, debootstrap), also when
+    /usr/sbin is not on PATH."""
+    return shutil.which(tool) or f"/usr/sbin/{tool}"
 
 
 def package_names() -> list[str]:

@@ -426,12 +426,15 @@ class VM:
         """Disk self-check lines printed so far (from offset ``since``)."""
         return parse_diskchecks(self.console()[since:])
 
-    def guest_clock_ns(self) -> Optional[tuple[int, float]]:
+    def guest_clock_ns(self, phys: Optional[int] = None
+                       ) -> Optional[tuple[int, float]]:
         """(the guest's CLOCK_MONOTONIC in ns, this host's monotonic clock
         in s at that moment), read from guest memory; None until a guest
         with curling.clock=1 said where its clock is.  Within the guest's
-        update period (2 ms) and one monitor round trip."""
-        phys = parse_clock_page(self.console())
+        update period (2 ms) and one monitor round trip.  ``phys`` is the
+        clock page's address when this VM's console does not say it (a
+        receiver that took over the guest)."""
+        phys = phys if phys is not None else parse_clock_page(self.console())
         if phys is None:
             return None
         before = time.monotonic()

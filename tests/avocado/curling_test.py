@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 from curling_proxy import CurlingProxy  # noqa: E402
 from curlingtool import agent, tlscerts  # noqa: E402
+from curlingtool.deps import sbin  # noqa: E402
 from curlingtool.etcdserver import EtcdMissing, EtcdServer  # noqa: E402
 from curlingtool.guest import GuestError, GuestImage, build_guest  # noqa: E402
 from curlingtool.netlab import (GUEST_IP, GUEST_MAC, PREFIX,  # noqa: E402
@@ -484,6 +485,16 @@ class CurlingTest(avocado.Test):
             args += ["-drive", f"if=none,id={drive},file={path},format=raw",
                      "-device", device.format(drive=drive)]
         return args
+
+    def assert_fsck_clean(self, image: pathlib.Path, what: str) -> None:
+        """``e2fsck -fn`` finds nothing wrong in the ext4 file system of
+        the raw ``image`` (``what`` names it in the failure)."""
+        fsck = subprocess.run([sbin("e2fsck"), "-fn", str(image)],
+                              capture_output=True, text=True, check=False)
+        self.log.info("e2fsck -fn %s: rc %d\n%s%s", image.name,
+                      fsck.returncode, fsck.stdout, fsck.stderr)
+        self.assertEqual(fsck.returncode, 0,
+                         f"e2fsck finds {what} damaged")
 
     def assert_diskchecks_ok(self, vm: VM, since: int = 0,
                              progress: bool = True) -> list[DiskCheck]:

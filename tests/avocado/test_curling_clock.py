@@ -9,7 +9,7 @@ import time
 
 from curling_test import CurlingTest, curling_info, wait_until
 from curlingtool.bench import clock_drift_ppm
-from curlingtool.vm import VM, parse_clock_page, parse_xp_u64
+from curlingtool.vm import VM, parse_clock_page
 
 # What ntpd can slew away (ppm); the guest must keep within it
 MAX_DRIFT_PPM = 500
@@ -30,12 +30,11 @@ class CurlingClock(CurlingTest):
 
     @staticmethod
     def read_clock(vm: VM, phys: int) -> tuple[int, float]:
-        """The guest's CLOCK_MONOTONIC (ns) from its clock page, and the
-        host's monotonic time (s) halfway through the read."""
-        before = time.monotonic()
-        text = vm.qmp("human-monitor-command",
-                      command_line=f"xp /1gx {phys:#x}")
-        return parse_xp_u64(text), (before + time.monotonic()) / 2
+        """The guest's clock at ``phys`` in ``vm``'s memory (guest ns, host
+        s)."""
+        reading = vm.guest_clock_ns(phys)
+        assert reading is not None
+        return reading
 
     def assert_lag(self, a: tuple[int, float], b: tuple[int, float],
                    what: str, limit_ms: float) -> None:

@@ -15,7 +15,6 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
 import time
 from typing import Any, Optional
 
@@ -87,6 +86,16 @@ class CurlingDebian(CurlingTest):
 
         return wait_until(done, timeout, f"{more} more transactions", 0.2)
 
+    @staticmethod
+    def wait_done(client: NetClient, timeout: float,
+                  what: str) -> dict[str, Any]:
+        """``client``'s final status, once it has stopped by itself."""
+        def done() -> Optional[dict[str, Any]]:
+            st = client.status()
+            return st if st.get("done") else None
+
+        return wait_until(done, timeout, what, 0.5)
+
     def check_database(self, states: list[dict[str, Any]]) -> dict[str, Any]:
         """What the guest's database holds, checked against what the
         transaction clients were told (appclient ``check``)."""
@@ -94,8 +103,7 @@ class CurlingDebian(CurlingTest):
         path.write_text(json.dumps(states))
         checker = self.app_client("check", "--states", str(path),
                                   "--wait", "120")
-        st = wait_until(lambda: (lambda s: s if s.get("done") else None)(
-            checker.status()), 180, "the database check", 0.5)
+        st = self.wait_done(checker, 180, "the database check")
         checker.stop()
         self.assertEqual(st["fatal"], [], "database check")
         self.assertEqual(st["errors"], [], "database check")
@@ -133,14 +141,6 @@ class CurlingDebian(CurlingTest):
                       event_time(event) - t_kill)
         self.assertGreaterEqual(event["data"]["sequence"], committed)
         self.assertEqual(receiver.qmp("query-status")["status"], "running")
-
-    def e2fsck(self, disk: pathlib.Path) -> None:
-        proc = subprocess.run(["e2fsck", "-fn", str(disk)],
-                              capture_output=True, text=True, check=False)
-        self.log.info("e2fsck -fn %s: %d\n%s", disk.name, proc.returncode,
-                      proc.stdout[-2000:])
-        self.assertEqual(proc.returncode, 0,
-                         f"e2fsck -fn: {proc.stdout[-500:]} {proc.stderr}")
 
     def test_postgres_and_http_survive_kills(self) -> None:
         """Eight connections commit transactions and an HTTP download runs
@@ -208,8 +208,7 @@ class CurlingDebian(CurlingTest):
                       checked["rows"], final["acked"])
 
         assert http is not None
-        st = wait_until(lambda: (lambda s: s if s.get("done") else None)(
-            http.status()), 120, "the HTTP download", 0.5)
+        st = self.wait_done(http, 120, "the HTTP download")
         http.stop()
         self.assertEqual(st["errors"], [], "HTTP download")
         self.assertTrue(st.get("complete"), f"HTTP download: {st}")
@@ -222,7 +221,7 @@ class CurlingDebian(CurlingTest):
         wait_until(lambda: not survivor.is_running(), 180,
                    "the guest to power off", 0.5)
         survivor_disk = disks[survivor.name]
-        self.e2fsck(survivor_disk)
+        self.assert_fsck_clean(survivor_disk, "the survivor's image")
         again = self.launch_app("again", disk=survivor_disk)
         again.wait_console(READY, timeout=BOOT_TIMEOUT)
         self.check_database(final["clients"])

@@ -25,6 +25,7 @@ from qemu.qmp import ExecuteError
 
 from curling_test import (FAILOVER_DEADLINE, QEMU_IMG, VM, CurlingTest,
                           curling_info, free_tcp_port, wait_until)
+from curlingtool.deps import sbin
 
 #: Seconds from QEMU start to a guest that ticks.
 BOOT_DEADLINE = 120.0
@@ -44,11 +45,6 @@ FS_APPEND = (f"curling.mode=dirty curling.rate=4 curling.fs=vda "
              f"curling.fstime={FS_SECONDS}")
 FS_RE = re.compile(r"curling: fs dev=\w+ ops=(?P<ops>\d+) "
                    r"checks=(?P<checks>\d+) files=\d+ check=(?P<check>\w+)")
-
-
-def sbin(tool: str) -> str:
-    """e2fsprogs' ``tool``, also when /usr/sbin is not on PATH."""
-    return shutil.which(tool) or f"/usr/sbin/{tool}"
 
 
 def fs_reports(vm: VM, since: int = 0) -> list[re.Match[str]]:
@@ -481,12 +477,7 @@ class CurlingDisk(CurlingTest):
         receiver.qmp("quit")
         wait_until(lambda: not receiver.is_running(), 30,
                    "the receiver to quit")
-        fsck = subprocess.run([sbin("e2fsck"), "-fn", str(image)],
-                              capture_output=True, text=True)
-        self.log.info("e2fsck -fn: rc %d\n%s%s", fsck.returncode,
-                      fsck.stdout, fsck.stderr)
-        self.assertEqual(fsck.returncode, 0,
-                         "e2fsck finds the receiver's image damaged")
+        self.assert_fsck_clean(image, "the receiver's image")
 
     def test_iothread_drive_refused(self) -> None:
         """A writable drive in an I/O thread cannot be replicated: migrate
