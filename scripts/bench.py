@@ -7,7 +7,9 @@
 
 Compares, on this machine, in one run: the guest unprotected, protected by
 Curling, and protected by QEMU's COLO in periodic mode (with and without
-TCP_NODELAY on its socket), over checkpoint intervals and guest workloads.
+TCP_NODELAY on its socket), over checkpoint intervals and guest workloads;
+then a network service, disks, TLS, and real applications (pgbench and an
+HTTP load generator in the Debian application guest).
 Writes raw samples (bench.json), a markdown report (README.md) and plots
 to --out (default docs/benchmarks/, where the committed full report lives;
 build/bench-quick/ for --quick, so that a smoke run never overwrites it).
@@ -34,7 +36,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 from curlingtool import CurlingError  # noqa: E402
-from curlingtool import bench, diskbench, netbench  # noqa: E402
+from curlingtool import appbench, bench, diskbench, netbench  # noqa: E402
+from curlingtool.debimage import find_image  # noqa: E402
 from curlingtool.vm import built_qemu_and_guest  # noqa: E402
 
 
@@ -64,6 +67,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--disk-intervals", default=None,
                    help="intervals (ms) of the disk rows (COLO's too when "
                    "colo-nodelay is in --systems); 'none' skips them")
+    p.add_argument("--app-intervals", default=None,
+                   help="intervals (ms) of the application rows (pgbench and "
+                   "HTTP in the Debian guest); 'none' skips them")
+    p.add_argument("--app-window", type=float, default=None,
+                   help="seconds each application workload runs")
     p.add_argument("--out", default=None,
                    help="report folder (default docs/benchmarks/; "
                    "build/bench-quick/ with --quick)")
@@ -93,6 +101,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         map(str, bench.TLS_INTERVALS)))
     args.tls_intervals = ([] if tls == "none"
                           else [int(i) for i in tls.split(",")])
+    app = args.app_intervals or ("100" if quick else "25,100")
+    args.app_intervals = ([] if app == "none"
+                          else [int(i) for i in app.split(",")])
+    args.app_window = args.app_window or (10.0 if quick else 30.0)
     net = args.net_intervals or ("100" if quick else "25,50,100,200")
     args.net_intervals = ([] if net == "none"
                           else [int(i) for i in net.split(",")])
@@ -109,10 +121,12 @@ def report(out: pathlib.Path, meta: dict, windows: list[bench.Window],
            failover: dict[str, list[float]],
            progress: Callable[[str], None],
            net: list[dict] | None = None,
-           disk: list[dict] | None = None) -> None:
+           disk: list[dict] | None = None,
+           app: list[dict] | None = None) -> None:
     """Summary, targets, JSON, plots and the markdown report, into out."""
     net = net or []
     disk = disk or []
+    app = app or []
     rows = bench.summarise(windows, meta["memcpy_gb_s"] * 1e9)
     meta["noise"] = bench.noise_floor(windows)
     meta["unprotected_clock_ppm"] = bench.unprotected_clock_ppm(windows)
@@ -123,16 +137,18 @@ def report(out: pathlib.Path, meta: dict, windows: list[bench.Window],
     extra = (bench.tls_targets(rows) +
              (netbench.net_targets(net) if net else []) +
              (diskbench.disk_targets(disk, min(colo_pauses, default=None))
-              if disk else []))
+              if disk else []) +
+             (appbench.app_targets(app) if app else []))
     targets = bench.check_targets(rows, failover, meta["mem"]) + extra
     bench.write_json(out / "bench.json", meta, windows, failover, targets,
-                     net, disk)
+                     net, disk, app)
     plots = bench.plot(out, rows, windows)
     bench.write_report(out / "README.md", meta, rows, failover, plots,
                        extra_targets=extra,
                        sections=(bench.tls_report(rows) +
                                  netbench.net_report(net) +
-                                 diskbench.disk_report(disk)))
+                                 diskbench.disk_report(disk) +
+                                 appbench.app_report(app)))
     for t in targets:
         progress(f"target {t['verdict'].strip('*')}: {t['target']}: {t['detail']}")
     progress(f"report: {out / 'README.md'}")
@@ -151,12 +167,18 @@ def main(argv: list[str]) -> int:
         out.mkdir(parents=True, exist_ok=True)
         report(out, meta, windows, failover, print,
                bench.read_net_json(pathlib.Path(args.from_json)),
-               bench.read_disk_json(pathlib.Path(args.from_json)))
+               bench.read_disk_json(pathlib.Path(args.from_json)),
+               bench.read_app_json(pathlib.Path(args.from_json)))
         return 0
     try:
         qemu, guest = built_qemu_and_guest(REPO)
     except CurlingError as exc:
         print(f"error: {exc}")
+        return 1
+    image = find_image(REPO) if args.app_intervals else None
+    if args.app_intervals and image is None:
+        print("error: no Debian application guest for the application rows "
+              "(run scripts/build.py image, or --app-intervals none)")
         return 1
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -191,6 +213,7 @@ def main(argv: list[str]) -> int:
     failover: dict[str, list[float]] = {}
     net: list[dict] = []
     disk: list[dict] = []
+    app: list[dict] = []
     try:
         for system in args.systems:
             for workload in args.workloads:
@@ -232,6 +255,14 @@ def main(argv: list[str]) -> int:
             disk = [dataclasses.asdict(p) for p in db.run(
                 args.disk_intervals,
                 colo=diskbench.COLO_SYSTEM in args.systems)]
+        if args.app_intervals:
+            assert image is not None
+            bench.write_json(out / "bench.json", meta, windows, failover,
+                             net=net, disk=disk)
+            ab = appbench.AppBench(image, qemu, guest, workdir, args.accel,
+                                   args.app_window, bench.MEM, runner.cpus,
+                                   progress)
+            app = [dataclasses.asdict(p) for p in ab.run(args.app_intervals)]
     except (CurlingError, AssertionError) as exc:
         print(f"error: {exc} (QEMU logs kept in {workdir}; samples measured "
               f"so far in {out / 'bench.json'}: --from-json reports them)")
@@ -239,7 +270,7 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"interrupted (QEMU logs in {workdir})")
         return 130
-    report(out, meta, windows, failover, progress, net, disk)
+    report(out, meta, windows, failover, progress, net, disk, app)
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -864,7 +864,8 @@ def write_json(path: pathlib.Path, meta: dict[str, Any], windows: list[Window],
                failover: dict[str, list[float]],
                targets: Optional[list[dict[str, str]]] = None,
                net: Optional[list[dict[str, Any]]] = None,
-               disk: Optional[list[dict[str, Any]]] = None) -> None:
+               disk: Optional[list[dict[str, Any]]] = None,
+               app: Optional[list[dict[str, Any]]] = None) -> None:
     path.write_text(json.dumps({
         "meta": meta,
         "targets": targets or [],
@@ -872,6 +873,7 @@ def write_json(path: pathlib.Path, meta: dict[str, Any], windows: list[Window],
         "failover_s": failover,
         "net": net or [],
         "disk": disk or [],
+        "app": app or [],
     }, indent=1) + "\n")
 
 
@@ -883,6 +885,11 @@ def read_net_json(path: pathlib.Path) -> list[dict[str, Any]]:
 def read_disk_json(path: pathlib.Path) -> list[dict[str, Any]]:
     """The disk points of a bench.json (none in older ones)."""
     return list(json.loads(path.read_text()).get("disk", []))
+
+
+def read_app_json(path: pathlib.Path) -> list[dict[str, Any]]:
+    """The application points of a bench.json (none in older ones)."""
+    return list(json.loads(path.read_text()).get("app", []))
 
 
 def read_json(path: pathlib.Path) -> tuple[dict[str, Any], list[Window],
@@ -908,6 +915,18 @@ def event_pauses(events: list[dict[str, Any]]) -> list[float]:
             pauses.append((ts - stopped) * 1000)
             stopped = None
     return pauses
+
+
+def window_mean(info0: dict[str, Any], info1: dict[str, Any],
+                key: str) -> Optional[float]:
+    """The mean of query-curling's ``key`` (a mean over every checkpoint
+    so far) over the checkpoints between the readings ``info0`` and
+    ``info1`` alone."""
+    n = info1["checkpoints"] - info0["checkpoints"]
+    if n <= 0 or key not in info1:
+        return None
+    return (info1[key] * info1["checkpoints"]
+            - info0.get(key, 0) * info0["checkpoints"]) / n
 
 
 class SectionBench:
@@ -950,6 +969,23 @@ class SectionBench:
                 logging.getLogger(name), cpu_affinity={cpu})
         vm.launch()
         return vm
+
+    @staticmethod
+    def protect(sender: VM, uri: str, timeout: float = 120.0,
+                **params: Any) -> None:
+        """Protect ``sender`` by the receiver at ``uri`` with ``params``
+        (migrate-set-parameters); return once it is protecting."""
+        sender.qmp("migrate-set-parameters", **params)
+        sender.qmp("migrate", uri=uri)
+        wait_until(lambda: sender.qmp("query-curling")["status"]
+                   == "protecting", timeout, "protection", 0.1)
+
+    @staticmethod
+    def unprotect(sender: VM, timeout: float = 30.0) -> None:
+        """Cancel ``sender``'s protection; return once it is cancelled."""
+        sender.qmp("migrate_cancel")
+        wait_until(lambda: sender.qmp("query-curling")["status"]
+                   == "cancelled", timeout, "cancel", 0.1)
 
 
 def fmt(value: Any, spec: str = ".2f") -> str:

@@ -15,7 +15,8 @@ nginx, on one ext4 file system.  It is built as follows:
   deterministic bytes) is put where nginx serves it;
 * ``mkfs.ext4 -d`` makes ``disk.raw`` (``IMAGE_SIZE``, sparse) from the
   tree without mounting anything; the kernel and initramfs that Debian's
-  packages installed are copied beside it for ``-kernel``/``-initrd``.
+  packages installed are copied beside it for ``-kernel``/``-initrd``, and
+  so is ``pgbench``, for the benchmark to run on the host.
 
 The result is cached under ``build/debian/<content-hash>/`` with
 ``build/debian/current`` pointing at it.  The hash covers the package list,
@@ -46,7 +47,7 @@ from .guest import (AptError, GuestError, point_current, prune,
 logger = logging.getLogger(__name__)
 
 # Bump when the image changes in a way the inputs below do not show.
-IMAGE_FORMAT = 1
+IMAGE_FORMAT = 2
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -81,6 +82,9 @@ IMAGE_NAME = "disk.raw"
 KERNEL_NAME = "vmlinuz"
 INITRD_NAME = "initrd.img"
 MANIFEST_NAME = "manifest.json"
+#: PostgreSQL's own benchmark client, copied out of the image: the same
+#: version as the guest's server, run on the host (it needs libpq5 there)
+PGBENCH_NAME = "pgbench"
 
 #: The kernel command line the image boots with
 KERNEL_APPEND = "root=/dev/vda rw console=ttyS0 net.ifnames=0"
@@ -103,6 +107,7 @@ class DebianImage:
     directory: pathlib.Path
     content_hash: str
     big_file_sha256: str
+    pgbench: pathlib.Path
 
     @property
     def append(self) -> str:
@@ -214,6 +219,11 @@ def _boot_files(root: pathlib.Path, work: pathlib.Path) -> str:
         raise ImageError(f"no initramfs for kernel {version} in /boot")
     shutil.copyfile(kernels[0], work / KERNEL_NAME)
     shutil.copyfile(initrd, work / INITRD_NAME)
+    pgbench = sorted(root.glob("usr/lib/postgresql/*/bin/pgbench"))
+    if len(pgbench) != 1:
+        raise ImageError(f"expected one pgbench in the image, found "
+                         f"{[str(p.relative_to(root)) for p in pgbench]}")
+    shutil.copy2(pgbench[0], work / PGBENCH_NAME)
     return version
 
 
@@ -226,9 +236,11 @@ def _load_cached(directory: pathlib.Path, digest: str) -> DebianImage | None:
                         kernel=directory / KERNEL_NAME,
                         initrd=directory / INITRD_NAME,
                         directory=directory, content_hash=digest,
-                        big_file_sha256=manifest.get("big_file_sha256", ""))
+                        big_file_sha256=manifest.get("big_file_sha256", ""),
+                        pgbench=directory / PGBENCH_NAME)
     if manifest.get("content_hash") != digest or not all(
-            p.is_file() for p in (image.disk, image.kernel, image.initrd)):
+            p.is_file() for p in (image.disk, image.kernel, image.initrd,
+                                  image.pgbench)):
         return None
     return image
 

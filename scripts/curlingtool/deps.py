@@ -47,6 +47,10 @@ PACKAGES: tuple[tuple[str, str], ...] = (
     # application guest: a Debian 12 image with PostgreSQL and nginx
     ("debootstrap", "installs the Debian application guest's system"),
     ("debian-archive-keyring", "debootstrap checks the Debian archive with it"),
+    # application benchmark: pgbench (copied out of the image) and an HTTP
+    # load generator, run on the host against the guest
+    ("libpq5", "PostgreSQL's client library, for the image's pgbench"),
+    ("apache2-utils", "ab, the HTTP load generator of the benchmark"),
     # arbitration tests: a throw-away etcd as the agents' witness
     ("etcd-server", "the etcd witness of the arbitration tests"),
     # TLS tests and benchmark: a test CA and certificates (certtool)

@@ -27,7 +27,7 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 from .bench import (SectionBench, event_pauses, fmt, percentile,
-                    phase_pauses, stop_phases, target)
+                    phase_pauses, stop_phases, target, window_mean)
 from .vm import VM, free_tcp_port, wait_until
 
 #: name -> kernel command line of the guest's disk load
@@ -168,11 +168,8 @@ class DiskBench(SectionBench):
         uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
         receiver = self.launch(f"receiver{self._n}", load, uri)
         try:
-            sender.qmp("migrate-set-parameters", max_bandwidth=BANDWIDTH,
-                       curling_interval=interval)
-            sender.qmp("migrate", uri=uri)
-            wait_until(lambda: sender.qmp("query-curling")["status"]
-                       == "protecting", 180, "protection", 0.1)
+            self.protect(sender, uri, 180, max_bandwidth=BANDWIDTH,
+                         curling_interval=interval)
             info0 = sender.qmp("query-curling")
             log_pos = sender.qemu_log_path.stat().st_size
             t0 = time.monotonic()
@@ -182,20 +179,15 @@ class DiskBench(SectionBench):
             n = info1["checkpoints"] - info0["checkpoints"]
             p.checkpoints_per_s = n / (t1 - t0)
             if n:
-                p.mean_bytes = round(
-                    (info1["mean-bytes"] * info1["checkpoints"] -
-                     info0["mean-bytes"] * info0["checkpoints"]) / n)
-                p.disk_mean_bytes = round(
-                    (info1["disk-mean-bytes"] * info1["checkpoints"] -
-                     info0["disk-mean-bytes"] * info0["checkpoints"]) / n)
+                p.mean_bytes = round(window_mean(info0, info1, "mean-bytes"))
+                p.disk_mean_bytes = round(window_mean(info0, info1,
+                                                      "disk-mean-bytes"))
             with sender.qemu_log_path.open("rb") as f:
                 f.seek(log_pos)
                 self.set_pauses(p, phase_pauses(stop_phases(
                     f.read().decode(errors="replace"))))
             p.receiver_rss_mb = rss_mb(receiver.pid)
-            sender.qmp("migrate_cancel")
-            wait_until(lambda: sender.qmp("query-curling")["status"]
-                       == "cancelled", 30, "cancel", 0.1)
+            self.unprotect(sender)
         finally:
             receiver.kill()
         return p

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 from .bench import SectionBench, fmt, target
 from .netlab import (GUEST_IP, PREFIX, NetClient, NetLab, check_available,
                      netdev_args)
-from .vm import VM, free_tcp_port, wait_until
+from .vm import VM, free_tcp_port
 
 #: Connections of the request/response client.
 RR_CONNECTIONS = 32
@@ -133,20 +133,14 @@ class NetBench(SectionBench):
                 for output in (True, False):
                     uri = f"curling:tcp:127.0.0.1:{free_tcp_port()}"
                     receiver = self.launch(f"net-receiver{self._n}", uri)
-                    sender.qmp("migrate-set-parameters",
-                               max_bandwidth=BANDWIDTH,
-                               curling_interval=interval,
-                               curling_output_delay=(
-                                   OUTPUT_DELAY_MS if output
-                                   else OUTPUT_OFF_MS))
-                    sender.qmp("migrate", uri=uri)
-                    wait_until(lambda: sender.qmp("query-curling")["status"]
-                               == "protecting", 120, "protection", 0.1)
+                    self.protect(sender, uri, max_bandwidth=BANDWIDTH,
+                                 curling_interval=interval,
+                                 curling_output_delay=(
+                                     OUTPUT_DELAY_MS if output
+                                     else OUTPUT_OFF_MS))
                     points.append(self.measure("curling", interval, output,
                                                sender))
-                    sender.qmp("migrate_cancel")
-                    wait_until(lambda: sender.qmp("query-curling")["status"]
-                               == "cancelled", 30, "cancel", 0.1)
+                    self.unprotect(sender)
                     receiver.kill()
                     receiver = None
         finally:

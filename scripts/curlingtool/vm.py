@@ -183,6 +183,13 @@ def parse_clock_page(text: str) -> Optional[int]:
     return int(found[-1], 16) if found else None
 
 
+def freshest_clock_reading(readings: list[tuple[int, float]]
+                           ) -> tuple[int, float]:
+    """Of clock readings (guest ns, host s at the end of the read), the one
+    whose guest clock is furthest ahead of the host's: the least stale."""
+    return max(readings, key=lambda r: r[0] / 1e9 - r[1])
+
+
 def parse_xp_u64(text: str) -> int:
     """The value HMP ``xp /1gx`` printed."""
     m = XP_RE.search(text)
@@ -426,22 +433,30 @@ class VM:
         """Disk self-check lines printed so far (from offset ``since``)."""
         return parse_diskchecks(self.console()[since:])
 
-    def guest_clock_ns(self, phys: Optional[int] = None
+    def guest_clock_ns(self, phys: Optional[int] = None, samples: int = 16
                        ) -> Optional[tuple[int, float]]:
         """(the guest's CLOCK_MONOTONIC in ns, this host's monotonic clock
         in s at that moment), read from guest memory; None until a guest
-        with curling.clock=1 said where its clock is.  Within the guest's
-        update period (2 ms) and one monitor round trip.  ``phys`` is the
+        with curling.clock=1 said where its clock is.  ``phys`` is the
         clock page's address when this VM's console does not say it (a
-        receiver that took over the guest)."""
+        receiver that took over the guest).
+
+        The page is at most as new as the moment its read ends: a reading
+        paired with that moment puts the guest's clock behind by how stale
+        the page was (up to its 2 ms update period, more while the guest
+        does not run) plus the monitor's round trip.  Of ``samples``
+        readings in a row the one furthest ahead is the least stale, so
+        a host that is busy for a moment does not pass for drift."""
         phys = phys if phys is not None else parse_clock_page(self.console())
         if phys is None:
             return None
-        before = time.monotonic()
-        text = self.qmp("human-monitor-command",
-                        command_line=f"xp /1gx {phys:#x}")
-        after = time.monotonic()
-        return parse_xp_u64(text), (before + after) / 2
+        readings = []
+        for _ in range(max(1, samples)):
+            text = self.qmp("human-monitor-command",
+                            command_line=f"xp /1gx {phys:#x}")
+            readings.append((parse_xp_u64(text), time.monotonic()))
+            time.sleep(0.0005)
+        return freshest_clock_reading(readings)
 
     def last_tick(self) -> Optional[Tick]:
         ticks = self.ticks()

@@ -109,13 +109,6 @@ class CurlingDebian(CurlingTest):
         self.assertEqual(st["errors"], [], "database check")
         return st
 
-    def tx_rate(self, client: NetClient, seconds: float = 10.0) -> float:
-        """Transactions acknowledged per second over ``seconds``."""
-        a = client.status()
-        time.sleep(seconds)
-        b = client.status()
-        return (b["acked"] - a["acked"]) / (b["elapsed"] - a["elapsed"])
-
     def kill(self, sender: VM, receiver: VM, hold: float, label: str) -> None:
         """kill -9 the sender ``hold`` s after a fresh commit; the receiver
         must take over from a checkpoint no older than the last the sender
@@ -163,7 +156,6 @@ class CurlingDebian(CurlingTest):
 
         pg = self.app_client("pg", "--wait", "120", connections=8)
         self.wait_acked(pg, 50)
-        unprotected = self.tx_rate(pg)
         http: Optional[NetClient] = None
         for rnd in range(1, rounds + 1):
             label = f"round {rnd}/{rounds} (seed {seed})"
@@ -177,10 +169,6 @@ class CurlingDebian(CurlingTest):
             self.log.info("%s: protecting after %.1f s", label,
                           time.monotonic() - t0)
             if http is None:
-                protected = self.tx_rate(pg)
-                self.log.info("transactions/s: %.1f unprotected, %.1f "
-                              "protected at 100 ms (%.0f%%)", unprotected,
-                              protected, 100 * protected / unprotected)
                 # 64 MiB at 4 MB/s: the download spans the kill below
                 http = self.app_client("http", "--rate", str(4e6))
                 wait_until(lambda: http.status().get("bytes"), 60,

@@ -93,3 +93,12 @@ def test_clock_page_and_xp() -> None:
         0x123456789a
     with pytest.raises(ValueError):
         vm.parse_xp_u64("Cannot access memory\r\n")
+
+
+def test_freshest_clock_reading() -> None:
+    # The guest's clock runs 10 s ahead of the host's; the second reading
+    # found a page 5 ms stale, the third one read 1 ms late
+    readings = [(10_000_000_000, 0.0), (10_005_000_000, 0.010),
+                (10_019_000_000, 0.020)]
+    assert vm.freshest_clock_reading(readings) == readings[0]
+    assert vm.freshest_clock_reading(readings[1:]) == readings[2]
