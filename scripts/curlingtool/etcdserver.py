@@ -6,13 +6,14 @@
         etcd.stop()                       # the witness is down ...
         etcd.start()                      # ... and back, same data
 
-``EtcdServer(workdir, binary="etcd", timeout=30.0)``: one single-member
+``EtcdServer(workdir, binary="etcd", timeout=30.0, attempts=3)``: one single-member
 cluster listening on free 127.0.0.1 ports only, its data in
 ``workdir/etcd-data`` and its output in ``workdir/etcd.log`` (kept for
 the test's logs). ``url`` is its client URL, ``spec`` the witness spec
 of it. ``start()`` waits until ``/health`` answers (``EtcdFailed`` when it
-does not in time or etcd exits; ``EtcdMissing`` when there is no etcd
-binary: Debian package etcd-server). ``stop()`` kills it; ``start()``
+does not in time, or when etcd exits before it, ``attempts`` times in a
+row; ``EtcdMissing`` when there is no etcd binary: Debian package
+etcd-server). ``stop()`` kills it; ``start()``
 again brings it back on the same ports and data. Leaving the ``with``
 block, by return or exception, kills it; so does the end of the Python
 process, and etcd also dies with its parent.
@@ -53,6 +54,10 @@ class EtcdFailed(CurlingError):
     """etcd exited or did not become healthy in time."""
 
 
+class EtcdExited(EtcdFailed):
+    """etcd exited before it was healthy."""
+
+
 #: The folder of the tooling package, for a probe run in a namespace.
 _SCRIPTS = pathlib.Path(__file__).resolve().parent.parent
 
@@ -72,9 +77,10 @@ class EtcdServer:
 
     def __init__(self, workdir: os.PathLike[str] | str, binary: str = "etcd",
                  timeout: float = 30.0,
-                 wrap: Optional[Callable[[Sequence[str]], list[str]]] = None
-                 ) -> None:
+                 wrap: Optional[Callable[[Sequence[str]], list[str]]] = None,
+                 attempts: int = 3) -> None:
         self.workdir = pathlib.Path(workdir)
+        self.attempts = attempts
         self.wrap = wrap
         self.binary = binary
         self.timeout = timeout
@@ -104,8 +110,16 @@ class EtcdServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    #: Seconds between an etcd that exited early and the next attempt
+    RETRY_DELAY = 1.0
+
     def start(self) -> None:
-        """Start etcd and wait until it is healthy; a no-op if it runs."""
+        """Start etcd and wait until it is healthy; a no-op if it runs.
+        An etcd that exits before it is healthy (a port taken for a
+        moment, a restart right after a kill) is started again, up to
+        ``attempts`` times; its log's last lines say why.  etcd dies with
+        the thread that starts it (``die_with_parent``): start it from one
+        that outlives it."""
         if self.running():
             return
         executable = shutil.which(self.binary)
@@ -113,27 +127,37 @@ class EtcdServer:
             raise EtcdMissing(f"{self.binary} not found: install the Debian "
                               "package etcd-server")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        log.info("etcd: starting on %s (data %s)", self.url, self.data_dir)
-        with self.log_path.open("ab") as out:
-            args = self.args(executable)
-            if self.wrap is not None:
-                args = self.wrap(args)
-            self._proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-        _SERVERS.add(self)
-        try:
-            self._wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(1, self.attempts + 1):
+            log.info("etcd: starting on %s (data %s)", self.url,
+                     self.data_dir)
+            with self.log_path.open("ab") as out:
+                args = self.args(executable)
+                if self.wrap is not None:
+                    args = self.wrap(args)
+                self._proc = subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+            _SERVERS.add(self)
+            try:
+                self._wait_healthy()
+                return
+            except EtcdExited as exc:
+                self.stop()
+                if attempt == self.attempts:
+                    raise
+                log.warning("etcd: %s; starting it again (%d of %d)", exc,
+                            attempt + 1, self.attempts)
+                time.sleep(self.RETRY_DELAY)
+            except BaseException:
+                self.stop()
+                raise
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.timeout
         while not self._healthy():
             assert self._proc is not None
             if self._proc.poll() is not None:
-                raise EtcdFailed(f"etcd exited with {self._proc.returncode} "
+                raise EtcdExited(f"etcd exited with {self._proc.returncode} "
                                  f"before it was healthy: {self._tail()}")
             if time.monotonic() >= deadline:
                 raise EtcdFailed(f"etcd not healthy on {self.url} after "

@@ -88,7 +88,11 @@ atexit.register(_kill_all_processes)
 
 
 def die_with_parent() -> None:
-    """In the child: get SIGKILL when the test process goes away."""
+    """In the child: get SIGKILL when the test process goes away.
+
+    The signal follows the thread that started the child, not the
+    process: start such children from a thread that lives as long as
+    they should (the test's own thread)."""
     PR_SET_PDEATHSIG = 1
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import random
 import resource
 import signal
@@ -401,7 +402,7 @@ class CurlingMatrix(CurlingTest):
 
             def heal_witness() -> None:
                 time.sleep(hold)
-                self.etcd.start()
+                self.on_main_thread(self.etcd.start)
             return heal_witness
         else:
             raise ValueError(fault)
@@ -428,6 +429,37 @@ class CurlingMatrix(CurlingTest):
         (the monitors are the sampling thread's) and goes on SAMPLE_S
         after it, or counts the fault missed after ``timeout``."""
         self.pending = (done, time.monotonic() + timeout, what)
+
+    def on_main_thread(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the test's thread, from a healing thread,
+        and wait for it.  A process started by a thread gets its parent
+        death signal (``die_with_parent``) when that thread ends: an etcd
+        started by the healing thread died with it, right after it came
+        back, and left the agents without a witness."""
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                done.set()
+
+        self.main_calls.put(call)
+        done.wait()
+        if errors:
+            raise errors[0]
+
+    def run_main_calls(self) -> None:
+        """What healing threads asked the test's thread to do."""
+        while True:
+            try:
+                call = self.main_calls.get_nowait()
+            except queue.Empty:
+                return
+            call()
 
     def poll_pending(self) -> None:
         if self.pending is None:
@@ -539,11 +571,22 @@ class CurlingMatrix(CurlingTest):
         self.log.info("cell %d %s: injected at: %s", n, cell, at)
 
         # Sample while the fault lasts, and SAMPLE_S once it healed
-        healer = threading.Thread(target=heal or (lambda: None))
+        healed: list[str] = []
+
+        def run_heal() -> None:
+            try:
+                if heal is not None:
+                    heal()
+            except Exception as exc:    # reported as the cell's failure
+                self.log.error("cell %d: healing failed: %s", n, exc)
+                healed.append(f"{type(exc).__name__}: {exc}")
+
+        healer = threading.Thread(target=run_heal)
         healer.start()
         copies = 0
         deadline = None
         while deadline is None or time.monotonic() < deadline:
+            self.run_main_calls()
             self.poll_pending()
             if (deadline is None and not healer.is_alive() and
                     self.pending is None):
@@ -592,6 +635,9 @@ class CurlingMatrix(CurlingTest):
             return dataclasses.replace(
                 result, ok=False,
                 why=f"the fault did not happen: {self.fault_missed}")
+        if healed:
+            return dataclasses.replace(
+                result, ok=False, why=f"the fault did not heal: {healed[0]}")
         partitioned = cell.moment == "partitioned"
         two_ok = cell.mode == "automatic" and (
             cell.fault in TWO_BY_DESIGN or partitioned)
@@ -651,6 +697,7 @@ class CurlingMatrix(CurlingTest):
             self.assertEqual({c.fault for c in cells}, set(FAULTS))
             self.assertEqual({c.moment for c in cells}, set(MOMENTS))
         self.etcd = None
+        self.main_calls: queue.Queue[Callable[[], None]] = queue.Queue()
         self.fault_missed = ""
         witness = None
         if any(c.mode == "managed" for c in cells):

@@ -39,14 +39,34 @@ def test_loopback_urls_and_spec(tmp_path: Path) -> None:
     assert args[args.index("--data-dir") + 1] == str(tmp_path / "etcd-data")
 
 
-def test_etcd_that_exits_is_reported(tmp_path: Path) -> None:
-    binary = fake_etcd(tmp_path, 'echo "bind: address already in use"; exit 1')
+def test_etcd_that_exits_is_reported(tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(EtcdServer, "RETRY_DELAY", 0.01)
+    binary = fake_etcd(tmp_path, f'echo start >> "{tmp_path}/starts"\n'
+                       'echo "bind: address already in use"; exit 1')
     server = EtcdServer(tmp_path, binary=str(binary))
     with pytest.raises(EtcdFailed, match="exited with 1 before it was "
                        "healthy: bind: address already in use"):
         server.start()
     assert not server.running()
+    # tried again, then gave up
+    assert (tmp_path / "starts").read_text().split() == ["start"] * 3
     assert f"--listen-client-urls {server.url}" in (tmp_path / "args").read_text()
+
+
+def test_etcd_that_exits_once_is_started_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart right after a kill may find a port still taken for a
+    moment: the next attempt brings etcd back."""
+    monkeypatch.setattr(EtcdServer, "RETRY_DELAY", 0.01)
+    up = tmp_path / "up"
+    binary = fake_etcd(tmp_path, f'if [ -e "{tmp_path}/failed" ]; then '
+                       f'touch "{up}"; exec sleep 60; fi\n'
+                       f'touch "{tmp_path}/failed"; exit 1')
+    monkeypatch.setattr(EtcdServer, "_healthy", lambda self: up.exists())
+    with EtcdServer(tmp_path, binary=str(binary)) as server:
+        assert server.running()
+    assert not server.running()
 
 
 def test_etcd_never_healthy_is_killed(tmp_path: Path) -> None:
