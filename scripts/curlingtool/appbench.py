@@ -24,7 +24,6 @@ they would in use.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import pathlib
 import re
@@ -33,15 +32,11 @@ import time
 from typing import Any, Iterable, Optional
 
 from .bench import SectionBench, fmt, percentile, target, window_mean
-from .debimage import DebianImage, copy_image
+from .debimage import (MACHINE, MEM, READY, SMP, DebianImage, copy_image,
+                       disk_args)
 from .netlab import GUEST_IP, NetLab, check_available, netdev_args
-from .vm import VM, free_tcp_port, guest_args
+from .vm import VM, free_tcp_port
 
-MEM = "1G"
-SMP = 2
-MACHINE = "q35"
-#: What the image's curling-ready.service prints once PostgreSQL is up
-READY = "curling-debian: ready"
 BOOT_TIMEOUT = 400.0
 BANDWIDTH = 10 * 1024 ** 3
 
@@ -141,22 +136,10 @@ class AppBench(SectionBench):
         assert self.lab is not None
         self._n += 1
         tap = self.lab.add_tap(f"tap-a{self._n}")
-        base = self.workdir / f"{self.PREFIX}-{name}"
-        console = base.with_name(base.name + "-console.log")
-        console.touch()
-        qmp = base.with_name(base.name + ".qmp")
-        args = guest_args(
-            self.qemu, self.image, name, accel=self.accel, console=console,
-            qmp_path=qmp, incoming=incoming, mem=MEM, machine=MACHINE,
-            smp=SMP, append="", cmdline=self.image.append,
-            extra_args=["-drive", f"if=none,id=disk0,file={disk},format=raw",
-                        "-device", "virtio-blk-pci,drive=disk0",
-                        *netdev_args(tap)])
-        vm = VM(name, self.lab.wrap(args), console,
-                base.with_name(base.name + "-qemu.log"), qmp,
-                logging.getLogger(name))
-        vm.launch()
-        return vm
+        return self.start_vm(name, "", [*disk_args(disk), *netdev_args(tap)],
+                             incoming, self.lab.wrap, pinned=False,
+                             guest=self.image, mem=MEM, machine=MACHINE,
+                             smp=SMP, cmdline=self.image.append)
 
     def _in_lab(self, argv: list[str], timeout: float,
                 cwd: Optional[pathlib.Path] = None) -> str:

@@ -952,21 +952,27 @@ class SectionBench:
 
     def start_vm(self, name: str, append: str, extra_args: list[str],
                  incoming: Optional[str] = None,
-                 wrap: Callable[[list[str]], list[str]] = lambda a: a) -> VM:
+                 wrap: Callable[[list[str]], list[str]] = lambda a: a,
+                 pinned: bool = True, **guest: Any) -> VM:
         """Launch the test guest as ``name`` (a receiver when
         ``incoming``); ``wrap`` turns the command line into the one to
-        run (e.g. inside a network namespace)."""
+        run (e.g. inside a network namespace).  ``guest`` are more of
+        ``guest_args``'s (another ``guest``, ``mem``, ``machine``, ``smp``,
+        ``cmdline``); unless ``pinned`` the VM runs on every CPU."""
         base = self.workdir / f"{self.PREFIX}-{name}"
         console = base.with_name(base.name + "-console.log")
         console.touch()
         qmp = base.with_name(base.name + ".qmp")
-        args = guest_args(self.qemu, self.guest, name, accel=self.accel,
+        guest.setdefault("guest", self.guest)
+        guest.setdefault("mem", self.mem)
+        args = guest_args(self.qemu, name=name, accel=self.accel,
                           console=console, qmp_path=qmp, incoming=incoming,
-                          mem=self.mem, append=append, extra_args=extra_args)
+                          append=append, extra_args=extra_args, **guest)
         cpu = self.cpus[1] if incoming else self.cpus[0]
         vm = VM(name, wrap(args), console,
                 base.with_name(base.name + "-qemu.log"), qmp,
-                logging.getLogger(name), cpu_affinity={cpu})
+                logging.getLogger(name),
+                cpu_affinity={cpu} if pinned else None)
         vm.launch()
         return vm
 

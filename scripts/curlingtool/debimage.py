@@ -88,6 +88,13 @@ PGBENCH_NAME = "pgbench"
 
 #: The kernel command line the image boots with
 KERNEL_APPEND = "root=/dev/vda rw console=ttyS0 net.ifnames=0"
+#: The machine the image is run on, by the tests and the benchmark
+MACHINE = "q35"
+MEM = "1G"
+SMP = 2
+#: What the image's curling-ready.service writes to ttyS0 once PostgreSQL
+#: accepts connections
+READY = "curling-debian: ready"
 #: Where the guest's services listen (the network tests' guest address)
 POSTGRES_PORT = 5432
 HTTP_PORT = 80
@@ -347,6 +354,12 @@ def build_image(repo_root: pathlib.Path,
         return image
 
 
+def disk_args(disk: pathlib.Path) -> list[str]:
+    """QEMU arguments of the image's drive ``disk`` (a copy of it)."""
+    return ["-drive", f"if=none,id=disk0,file={disk},format=raw",
+            "-device", "virtio-blk-pci,drive=disk0"]
+
+
 def copy_image(image: DebianImage, dest: pathlib.Path) -> pathlib.Path:
     """A private, sparse copy of the image's disk for one QEMU."""
     run_command(["cp", "--sparse=always", str(image.disk), str(dest)],
@@ -355,4 +368,4 @@ def copy_image(image: DebianImage, dest: pathlib.Path) -> pathlib.Path:
 
 
 __all__ = ["AptError", "DebianImage", "ImageError", "build_image",
-           "copy_image", "find_image", "big_file_bytes"]
+           "copy_image", "disk_args", "find_image", "big_file_bytes"]

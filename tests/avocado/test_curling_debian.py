@@ -20,16 +20,12 @@ from typing import Any, Optional
 
 from curling_test import (REPO_ROOT, CurlingTest, curling_info, event_time,
                           free_tcp_port, wait_until)
-from curlingtool.debimage import DebianImage, GuestError, build_image, \
-    copy_image
+from curlingtool.debimage import (MACHINE, MEM, READY, SMP, DebianImage,
+                                  GuestError, build_image, copy_image,
+                                  disk_args)
 from curlingtool.netlab import NetClient
 from curlingtool.vm import VM
 
-MEM = "1G"
-SMP = 2
-MACHINE = "q35"
-#: The image's curling-ready.service, once PostgreSQL accepts connections
-READY = "curling-debian: ready"
 BOOT_TIMEOUT = 400
 #: Transactions clients commit after each failover before the next step
 AFTER_FAILOVER = 40
@@ -54,9 +50,7 @@ class CurlingDebian(CurlingTest):
         return copy_image(self.image, self._tmpdir / f"{name}.raw")
 
     def app_args(self, name: str, disk: pathlib.Path) -> list[str]:
-        return ["-drive", f"if=none,id=disk0,file={disk},format=raw",
-                "-device", "virtio-blk-pci,drive=disk0",
-                *self.nic_args(name)]
+        return [*disk_args(disk), *self.nic_args(name)]
 
     def launch_app(self, name: str, incoming: Optional[str] = None,
                    disk: Optional[pathlib.Path] = None) -> VM:
