@@ -14,8 +14,9 @@ named after a source kind (`debian-ds/`) apply only to that kind.
 Work happens in that tree: rebase, amend, commit. `export` then writes
 the commits after `upstream` back to patches/ with `git format-patch`
 (FORMAT_PATCH_ARGS). Topic folders: a commit whose subject equals the
-subject of a patch in the old series keeps that patch's folder; any other
-commit goes to `curling/`. Files are numbered per folder, in series
+subject of a patch in the old series keeps that patch's folder; a new
+commit joins the folder of the commit before it (`curling/` for the first
+one, or after a source kind's folder). Files are numbered per folder, in series
 order, so adding a patch to one folder never renames another folder's
 files. Export right after apply writes nothing.
 
@@ -709,13 +710,20 @@ class PatchQueue:
         names: list[str] = []
         renamed: dict[str, str] = {}
         contents: dict[str, bytes] = {}
+        # a new commit joins the topic of the commit before it (a fix put
+        # after the fixes stays with them), unless that topic is a source
+        # kind's own
+        topic = DEFAULT_TOPIC
         for what, item in order:
             if what == "keep":
                 names.append(item.name)
                 renamed[item.name] = item.name
                 continue
             old, slug, data = item
-            topic = old.topic if old is not None else DEFAULT_TOPIC
+            if old is not None:
+                topic = old.topic
+            elif topic in KIND_TOPICS:
+                topic = DEFAULT_TOPIC
             counters[topic] = counters.get(topic, 0) + 1
             prefix = f"{topic}/" if topic else ""
             name = f"{prefix}{counters[topic]:04d}-{slug}"

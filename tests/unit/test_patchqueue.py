@@ -174,6 +174,41 @@ def test_export_writes_new_commit_and_keeps_comments(
     assert not queue.export().changed
 
 
+def test_new_commit_joins_the_topic_of_the_commit_before_it(
+        tmp_path: Path, upstream_source: source.Source,
+        make_patches: PatchMaker) -> None:
+    files = make_patches([
+        ("Ann Author <ann@example.org>", "migration: a fix\n\nSigned-off-by: A <a@b>",
+         {"migration/migration.c": b"int fixed;\n"}),
+        ("Ann Author <ann@example.org>", "migration: a feature\n\nSigned-off-by: A <a@b>",
+         {"migration/curling.c": b"int feature;\n"}),
+    ], tmp_path / "fp")
+    patches = tmp_path / "patches"
+    install(files[:1], patches, "fixes")
+    install(files[1:], patches, "curling",
+            series=["fixes/0001-migration-a-fix.patch"])
+    tree = tmp_path / "qemu"
+    queue = PatchQueue(patches, tree)
+    queue.apply(upstream_source)
+    # a second fix, put right after the first one
+    feature = git(tree, "rev-parse", "HEAD").strip()
+    git(tree, "reset", "-q", "--hard", "HEAD~1")
+    (tree / "README.rst").write_text("fixed too\n")
+    git(tree, "commit", "-q", "-a", "-m", "docs: another fix\n\nSigned-off-by: A <a@b>")
+    git(tree, "cherry-pick", feature)
+    (tree / "VERSION").write_text("10.2.2-feature\n")
+    git(tree, "commit", "-q", "-a", "-m", "version: after the feature\n\nSigned-off-by: A <a@b>")
+    result = queue.export()
+    # (the feature's patch names its new commit)
+    assert sorted(result.written) == ["curling/0001-migration-a-feature.patch",
+                                      "curling/0002-version-after-the-feature.patch",
+                                      "fixes/0002-docs-another-fix.patch"]
+    assert series_names(patches) == ["fixes/0001-migration-a-fix.patch",
+                                     "fixes/0002-docs-another-fix.patch",
+                                     "curling/0001-migration-a-feature.patch",
+                                     "curling/0002-version-after-the-feature.patch"]
+
+
 def test_debian_topic_skipped_for_other_kinds_and_kept_on_export(
         tmp_path: Path, two_patches: Path, upstream_source: source.Source,
         make_patches: PatchMaker) -> None:

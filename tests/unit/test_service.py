@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import time
 from typing import Any, Optional
 
 import pytest
@@ -271,6 +273,12 @@ def test_refuses_to_start_beside_a_live_qemu(tmp_path: Any) -> None:
                              "import time; time.sleep(30)", "web,debug-"
                              "threads=on"])
     try:
+        # the child's command line is empty until its exec is done
+        cmdline = pathlib.Path(f"/proc/{proc.pid}/cmdline")
+        deadline = time.monotonic() + 10
+        while b"web," not in cmdline.read_bytes():
+            assert time.monotonic() < deadline, "the child never ran"
+            time.sleep(0.01)
         (tmp_path / "qemu.pid").write_text(f"{proc.pid}\n")
         with pytest.raises(ServiceError, match=f"a QEMU of web still runs "
                            f"on this host \\(pid {proc.pid}\\)"):
