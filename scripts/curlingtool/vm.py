@@ -288,7 +288,13 @@ class VM:
         return self._proc.pid
 
     def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        """Whether QEMU still runs; once it ended, ``exitcode`` says how."""
+        if self._proc is None:
+            return False
+        if self._proc.poll() is None:
+            return True
+        self.exitcode = self._proc.returncode
+        return False
 
     def _check_alive(self, waiting_for: str) -> None:
         if self._proc is not None and self._proc.poll() is not None:

@@ -291,6 +291,46 @@ class CurlingDisk(CurlingTest):
                          "a checkpoint boundary")
         self.resume_and_fail_over(sender, receiver)
 
+    def test_quit_during_first_round(self) -> None:
+        """``quit`` on the sender while the first round is copying its
+        disk (64 MiB of data, the bandwidth held to 8 MiB/s): QEMU ends
+        cleanly, having released the drives the migration was reading
+        before it closes them, and the receiver, left with an incomplete
+        first round, never starts the guest."""
+        assert self._tmpdir is not None
+        image = self._tmpdir / "sender-disk0.img"
+        image.write_bytes(os.urandom(self.DISK_SIZE))
+        sender, receiver, uri = self.launch_pair(
+            append=APPEND,
+            side_args=lambda n: self.disk_args(
+                n, VIRTIO_BLK, image=image if n == "sender" else None))
+        sender.wait_tick(2, timeout=BOOT_DEADLINE)
+        sender.qmp("migrate-set-parameters", max_bandwidth=8 * 1024 ** 2)
+        sender.qmp("migrate", uri=uri)
+        wait_until(lambda: curling_info(sender).get("disk-copied", 0) > 0, 60,
+                   "the first round to copy disk data", 0.02)
+        info = curling_info(sender)
+        self.log.info("quit at %s: %d of %d bytes of disk copied",
+                      info["status"], info["disk-copied"], info["disk-size"])
+        self.assertEqual(info["status"], "initial-sync")
+        try:
+            sender.qmp("quit")
+        except Exception as exc:  # the monitor may go before it answers
+            self.log.info("quit: %s", exc)
+        wait_until(lambda: not sender.is_running(), 60, "the sender to quit")
+        log = sender.qemu_log_path.read_text(errors="replace")
+        self.assertNotIn("Assertion", log, "the sender crashed as it quit")
+        self.assertEqual(sender.exitcode, 0,
+                         f"the sender exited with {sender.exitcode}")
+        # The receiver fails as an incomplete incoming migration does: it
+        # exits, or (still alive) keeps the guest paused
+        time.sleep(5)
+        if receiver.is_running():
+            self.assertNotEqual(receiver.qmp("query-status")["status"],
+                                "running", "the receiver started the guest")
+        self.log.info("receiver: %s", "alive" if receiver.is_running() else
+                      f"exited with {receiver.exitcode}")
+
     def test_shared_image_refused(self) -> None:
         """Both sides on one image file: the receiver refuses to write it,
         naming the drive; the sender's guest runs on, alone on its disk,

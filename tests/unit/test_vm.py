@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import logging
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -102,3 +105,14 @@ def test_freshest_clock_reading() -> None:
                 (10_019_000_000, 0.020)]
     assert vm.freshest_clock_reading(readings) == readings[0]
     assert vm.freshest_clock_reading(readings[1:]) == readings[2]
+
+
+def test_is_running_records_the_exit_code(tmp_path: pathlib.Path) -> None:
+    """A QEMU found ended by is_running() says how it ended."""
+    v = vm.VM("q", [], tmp_path / "console.log", tmp_path / "qemu.log",
+              tmp_path / "qmp.sock", logging.getLogger("q"))
+    assert not v.is_running()                  # never launched
+    v._proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    v._proc.wait()
+    assert not v.is_running()
+    assert v.exitcode == 3
