@@ -159,6 +159,12 @@ class AppBench(SectionBench):
         return [str(self.image.pgbench), "-h", GUEST_IP, "-U", PG_USER,
                 *args, PG_DATABASE]
 
+    @staticmethod
+    def _pgbench_load(seconds: int) -> list[str]:
+        """pgbench's arguments for the measured load, ``seconds`` long."""
+        return ["-c", str(PGBENCH_CLIENTS), "-j", str(PGBENCH_THREADS),
+                "-T", str(seconds)]
+
     def pgbench_init(self) -> None:
         t0 = time.monotonic()
         self._in_lab(self._pgbench("-i", "-q", "-s", str(PGBENCH_SCALE)),
@@ -171,17 +177,15 @@ class AppBench(SectionBench):
         the guest's caches and PostgreSQL's buffers are cold and its
         background writers busy, and the first window ran at 87 to 165
         transactions per second from one run to the next."""
-        self._in_lab(self._pgbench("-c", str(PGBENCH_CLIENTS), "-j",
-                                   str(PGBENCH_THREADS), "-T",
-                                   str(WARM_UP_S)), timeout=WARM_UP_S + 300)
+        self._in_lab(self._pgbench(*self._pgbench_load(WARM_UP_S)),
+                     timeout=WARM_UP_S + 300)
         self.progress(f"app: pgbench warmed up for {WARM_UP_S} s")
 
     def run_pgbench(self, label: str) -> tuple[float, list[float]]:
         folder = self.workdir / f"pgbench-{label}"
         folder.mkdir()
         out = self._in_lab(self._pgbench(
-            "-c", str(PGBENCH_CLIENTS), "-j", str(PGBENCH_THREADS),
-            "-T", str(int(self.window)), "-l",
+            *self._pgbench_load(int(self.window)), "-l",
             f"--log-prefix={folder / 'tx'}"), timeout=self.window + 300,
             cwd=folder)
         return pgbench_tps(out), pgbench_latencies_ms(folder.glob("tx.*"))

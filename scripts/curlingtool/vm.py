@@ -297,8 +297,7 @@ class VM:
         return False
 
     def _check_alive(self, waiting_for: str) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            self.exitcode = self._proc.returncode
+        if self._proc is not None and not self.is_running():
             raise VMDied(f"{self.name} (pid {self._proc.pid}) exited with "
                          f"{self.exitcode} while waiting for {waiting_for}; "
                          f"last output: {self.qemu_output_tail()!r}")
