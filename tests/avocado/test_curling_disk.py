@@ -250,10 +250,14 @@ class CurlingDisk(CurlingTest):
 
     def test_first_round_onto_a_copy(self) -> None:
         """The receiver's image already holds a copy of the sender's disk
-        (64 MiB of random data) but for three blocks changed here and
-        there: the first round copies only the areas that differ, and at a
-        checkpoint boundary both images are byte-identical; a failover
-        then resumes a guest whose disk agrees."""
+        (64 MiB of random data) but for its first 16 MiB and three blocks
+        changed further on, and the first round's walk is slowed down
+        (8 MiB/s) while it copies those 16 MiB. Meanwhile writes land just
+        behind the walk, right where it stands: the walk compares the
+        areas after them all the same, so the first round copies only the
+        areas that differ and those written; at a checkpoint boundary both
+        images are byte-identical; a failover then resumes a guest whose
+        disk agrees."""
         assert self._tmpdir is not None
         mib = 1024 ** 2
         images = {n: self._tmpdir / f"{n}-disk0.img"
@@ -261,7 +265,8 @@ class CurlingDisk(CurlingTest):
         images["sender"].write_bytes(os.urandom(self.DISK_SIZE))
         shutil.copyfile(images["sender"], images["receiver"])
         with open(images["receiver"], "r+b") as f:
-            for offset in (5 * mib, 20 * mib + 4096, self.DISK_SIZE - 4096):
+            f.write(os.urandom(self.DIFFERENT_HEAD))
+            for offset in (20 * mib + 4096, 40 * mib, self.DISK_SIZE - 4096):
                 f.seek(offset)
                 f.write(os.urandom(4096))
         self.assertNotEqual(first_difference(images["sender"],
@@ -272,14 +277,29 @@ class CurlingDisk(CurlingTest):
                                                image=images[n]))
         sender.wait_tick(2, timeout=BOOT_DEADLINE)
         self.wait_diskchecks(sender, 2)
-        self.protect(sender, receiver, uri)
+        sender.qmp("migrate-set-parameters", max_bandwidth=8 * mib)
+        sender.qmp("migrate", uri=uri)
+        behind = self.write_behind_the_walk(sender)
+        self.log.info("wrote just behind the walk at %s MiB",
+                      [o // mib for o in behind])
+        self.assertTrue(behind, "no write landed behind the walk")
+        sender.qmp("migrate-set-parameters", max_bandwidth=self.BANDWIDTH)
+        for vm in (sender, receiver):
+            wait_until(lambda vm=vm: curling_info(vm)["status"] == "protecting",
+                       120, f"{vm.name} protecting", 0.1)
         info = curling_info(sender)
         self.log.info("first round: %d of %d bytes of disk copied",
                       info["disk-copied"], info["disk-size"])
-        # The three changed areas, and those the guest wrote meanwhile
-        # (its self-check rewrites the first MiB).
-        self.assertGreaterEqual(info["disk-copied"], 3 * mib)
-        self.assertLessEqual(info["disk-copied"], 8 * mib,
+        # The areas that differ (the three blocks' are 1 MiB each), and
+        # those written meanwhile: the guest's self-check rewrites its
+        # first MiB all along the slowed walk (4 MiB of it in one run), and
+        # this test wrote 64 KiB behind the walk at most once per MiB of
+        # the first 16. A walk knocked off the hash boundaries copies the
+        # 48 MiB after them as well.
+        self.assertGreaterEqual(info["disk-copied"],
+                                self.DIFFERENT_HEAD + 3 * mib)
+        self.assertLessEqual(info["disk-copied"],
+                             self.DIFFERENT_HEAD + 16 * mib,
                              "the first round copied areas the receiver's "
                              "image already held")
 
@@ -290,6 +310,39 @@ class CurlingDisk(CurlingTest):
                          "the receiver's image differs from the sender's at "
                          "a checkpoint boundary")
         self.resume_and_fail_over(sender, receiver)
+
+    #: Bytes at the start of the receiver's image that differ from the
+    #: sender's in test_first_round_onto_a_copy.
+    DIFFERENT_HEAD = 16 * 1024 ** 2
+
+    def write_behind_the_walk(self, sender: VM) -> list[int]:
+        """While the first round walks the first DIFFERENT_HEAD bytes of
+        ``sender``'s disk, write the 64 KiB just before each MiB boundary
+        the walk has reached (it walks in areas of 1 MiB, and the disk
+        still to walk is what remains dirty). Returns the offsets
+        written."""
+        mib = 1024 ** 2
+        written: list[int] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            info = curling_info(sender)
+            if info["status"] not in ("none", "setup", "initial-sync"):
+                break
+            if "disk-remaining" not in info:
+                time.sleep(0.01)
+                continue
+            walked = info["disk-size"] - info["disk-remaining"]
+            boundary = -(-walked // mib) * mib
+            if boundary > self.DIFFERENT_HEAD:
+                break
+            if boundary >= 2 * mib and boundary - 64 * 1024 not in written:
+                offset = boundary - 64 * 1024
+                sender.qmp("human-monitor-command",
+                           command_line=f'qemu-io disk0 "write -P 0x3c '
+                                        f'{offset} 64k"')
+                written.append(offset)
+            time.sleep(0.01)
+        return written
 
     def test_quit_during_first_round(self) -> None:
         """``quit`` on the sender while the first round is copying its

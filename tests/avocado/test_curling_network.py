@@ -240,13 +240,23 @@ class CurlingNetwork(CurlingTest):
 
         The client's receive buffer (256 KiB, which Linux doubles) bounds
         the TCP window, hence what the guest can have in flight, between
-        half the limit and the limit; the interval is long and
-        output-delay off, so only the limit can start checkpoints."""
+        half the limit and the limit; output-delay is off, so only the
+        limit and the interval (1 s) can start checkpoints, and the limit
+        starts nearly all of them.
+
+        The interval is there for the guest's TCP: when the window is
+        short at the wrong moment (a client that was not scheduled for
+        a while, in a busy CI run), the guest can hold less than half
+        the limit in flight, wait past its retransmission timeout and
+        fall back to one segment at a time. Only a checkpoint then
+        releases what it holds; with no interval the transfer would stall
+        for good, as it once did (154 KiB held, nothing released in 5
+        s)."""
         sender, receiver, uri = self.launch_net_pair()
         sender.wait_tick(2, timeout=BOOT_DEADLINE)
         client = self.net_client("bulk", rcvbuf=256 * 1024)
         self.wait_client(client, 100)
-        self.protect(sender, receiver, uri, curling_interval=60000,
+        self.protect(sender, receiver, uri, curling_interval=1000,
                      curling_output_delay=600000,
                      curling_output_limit=448 * 1024)
         before = client.status()["bytes"]
@@ -258,8 +268,9 @@ class CurlingNetwork(CurlingTest):
                       "%d packets dropped", st, info["checkpoints"],
                       info["limit-checkpoints"], info["dropped-packets"])
         self.assertEqual(st["errors"], [])
-        self.assertGreater(info["limit-checkpoints"], 0,
-                           "held output never started a checkpoint")
+        self.assertGreater(info["limit-checkpoints"],
+                           info["checkpoints"] // 2,
+                           "held output did not start most checkpoints")
         self.assertEqual(info["output-checkpoints"], 0)
         self.assertEqual(info["dropped-packets"], 0)
 
