@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Optional
 
 from curling_test import CurlingTest, curling_info, wait_until
 from curlingtool.bench import clock_drift_ppm
@@ -34,6 +35,23 @@ class CurlingClock(CurlingTest):
         s)."""
         reading = vm.guest_clock_ns(phys)
         assert reading is not None
+        return reading
+
+    def read_written_clock(self, vm: VM, phys: int) -> tuple[int, float]:
+        """Like read_clock, once the guest is seen writing its clock page
+        (two readings in a row differ): a guest that has just resumed may
+        not have rewritten it yet, and its page would then say what the
+        checkpoint held however well its clock keeps time."""
+        first = self.read_clock(vm, phys)
+
+        def written() -> Optional[tuple[int, float]]:
+            reading = self.read_clock(vm, phys)
+            return reading if reading[0] != first[0] else None
+
+        reading = wait_until(written, 10, f"{vm.name}'s guest to write its "
+                             f"clock page", 0.05)
+        self.log.info("%s's guest rewrote its clock page %.0f ms after the "
+                      "first reading", vm.name, (reading[1] - first[1]) * 1000)
         return reading
 
     def assert_lag(self, a: tuple[int, float], b: tuple[int, float],
@@ -93,11 +111,12 @@ class CurlingClock(CurlingTest):
         # curling-timeout before it takes over
         c2 = self.read_clock(sender, phys)
         os.kill(sender.pid, signal.SIGSTOP)
+        mark = receiver.console_mark()
         wait_until(lambda: self.failovers(receiver), 30, "failover", 0.05)
         sender.kill()
-        # The page holds what the guest wrote last: let it run a moment
-        time.sleep(1)
-        c3 = self.read_clock(receiver, phys)
+        # Let the resumed guest run a moment
+        receiver.wait_ticks(5, timeout=30, since=mark)
+        c3 = self.read_written_clock(receiver, phys)
         self.assert_lag(c2, c3, "failover", MAX_LAG_MS)
         time.sleep(10)
         c4 = self.read_clock(receiver, phys)
