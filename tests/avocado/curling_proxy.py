@@ -142,10 +142,23 @@ def skip_disk_records(ram: bytes, pos: int) -> int:
         pos += 4 + (length if flags & DISK_DATA else 0)
 
 
+def skip_section_data(ram: bytes, pos: int, section: int) -> int:
+    """Offset in ``ram`` just past the data, starting at ``pos``, of the
+    section ``section`` of the RAM part that is not RAM: the display's
+    registers (a 32-bit length and that many bytes, then the section's
+    footer) or disk records."""
+    length = struct.unpack_from(">I", ram, pos)[0]
+    end = pos + 4 + length
+    if ram[end:end + 5] == bytes([SECTION_FOOTER]) + struct.pack(">I",
+                                                                 section):
+        return end
+    return skip_disk_records(ram, pos)
+
+
 def ram_page_records(ram: bytes) -> list[int]:
     """Offsets in ``ram`` of every page record (its 64-bit address and
     flags word), parsed as the receiver parses them.  The RAM section is
-    the first of the part; the others are disk sections."""
+    the first of the part; the others are disk or display sections."""
     records = []
     pos = 0
     ram_section = struct.unpack_from(">I", ram, 1)[0]
@@ -154,7 +167,7 @@ def ram_page_records(ram: bytes) -> list[int]:
         section = struct.unpack_from(">I", ram, pos + 1)[0]
         pos += 5                            # section type and id
         if section != ram_section:
-            pos = skip_disk_records(ram, pos) + 5   # and the footer
+            pos = skip_section_data(ram, pos, section) + 5  # and footer
             continue
         while True:
             flags = struct.unpack_from(">Q", ram, pos)[0] & (PAGE_SIZE - 1)

@@ -156,3 +156,29 @@ def test_reports_a_forwarded_checkpoint(pair: Pair) -> None:
     pair.from_sender(frame(cp.CHECKPOINT, 2, b"x"))
     pair.recv_exact(pair.receiver, cp.FRAME_HDR_SIZE + 1)
     assert pair.events == ["forwarded checkpoint 1"]
+
+
+def test_page_records_past_disk_and_display_sections() -> None:
+    """The RAM part's page records are found past the disk records and the
+    display's registers that share it, as the receiver walks them."""
+    def section(kind: int, sid: int, data: bytes) -> bytes:
+        return (bytes([kind]) + struct.pack(">I", sid) + data +
+                bytes([cp.SECTION_FOOTER]) + struct.pack(">I", sid))
+
+    page = struct.pack(">Q", 0x1000 | cp.RAM_PAGE) + b"\x03pc." + bytes(
+        cp.PAGE_SIZE)
+    zero = struct.pack(">Q", 0x2000 | cp.RAM_ZERO | cp.RAM_CONTINUE) + b"\0"
+    eos = struct.pack(">Q", cp.RAM_EOS)
+    ram_data = page + zero + eos
+    disk = (struct.pack(">Q", 0x10000 | 0x01 | 0x04) + b"\x05disk0" +
+            struct.pack(">I", 4) + b"abcd" + struct.pack(">Q", 0x08))
+    display = struct.pack(">I", 6) + b"\x7e\0\0\0\x03x"
+    ram = (section(cp.SECTION_PART, 2, ram_data) +
+           section(cp.SECTION_END, 7, disk) +
+           section(cp.SECTION_END, 8, display) +
+           section(cp.SECTION_END, 2, ram_data) +
+           section(cp.SECTION_END, 8, struct.pack(">I", 0)) +
+           bytes([cp.VM_EOF]))
+    second = 5 + len(ram_data) + 5 + 5 + len(disk) + 5 + 5 + len(display) + 5
+    assert cp.ram_page_records(ram) == [
+        5, 5 + len(page), second + 5, second + 5 + len(page)]
