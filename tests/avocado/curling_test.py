@@ -612,6 +612,13 @@ class CurlingTest(avocado.Test):
         sender.qmp("migrate-set-parameters", max_bandwidth=self.BANDWIDTH,
                    **params)
         sender.qmp("migrate", uri=uri)
+        self.wait_protecting(sender, receiver, timeout)
+
+    @staticmethod
+    def wait_protecting(sender: VM, receiver: VM,
+                        timeout: float = 120.0) -> None:
+        """Return once both ``sender`` and ``receiver`` report
+        ``protecting``."""
         for vm in (sender, receiver):
             wait_until(lambda vm=vm: curling_info(vm)["status"] == "protecting",
                        timeout, f"{vm.name} protecting", 0.1)

@@ -284,9 +284,7 @@ class CurlingDisk(CurlingTest):
                       [o // mib for o in behind])
         self.assertTrue(behind, "no write landed behind the walk")
         sender.qmp("migrate-set-parameters", max_bandwidth=self.BANDWIDTH)
-        for vm in (sender, receiver):
-            wait_until(lambda vm=vm: curling_info(vm)["status"] == "protecting",
-                       120, f"{vm.name} protecting", 0.1)
+        self.wait_protecting(sender, receiver)
         info = curling_info(sender)
         self.log.info("first round: %d of %d bytes of disk copied",
                       info["disk-copied"], info["disk-size"])
